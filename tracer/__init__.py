@@ -1,0 +1,62 @@
+"""tracer: see every step of Hugging Face ``generate()``.
+
+``import tracer`` is light: torch and transformers are imported only when a name that needs
+them is used, so ``tracer.load_trace`` works in an environment without them.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .records import (
+    MemoryBudgetError,
+    NotSupportedError,
+    SCHEMA_VERSION,
+    Trace,
+    TraceFormatError,
+    TracerError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "trace": ("hooks", "trace"),
+    "trace_generate": ("hooks", "trace_generate"),
+    "encode_prompts": ("hooks", "encode_prompts"),
+    "TraceSession": ("hooks", "TraceSession"),
+    "TracerWarning": ("hooks", "TracerWarning"),
+    "RecordConfig": ("config", "RecordConfig"),
+    "load_model": ("models", "load_model"),
+    "load_tokenizer": ("models", "load_tokenizer"),
+    "ModelLoadError": ("models", "ModelLoadError"),
+    "load_trace": ("storage", "load_trace"),
+    "save_trace": ("storage", "save_trace"),
+    "viz": ("viz", None),
+}
+
+__all__ = [
+    "MemoryBudgetError",
+    "NotSupportedError",
+    "SCHEMA_VERSION",
+    "Trace",
+    "TraceFormatError",
+    "TracerError",
+    "__version__",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'tracer' has no attribute {name!r}") from None
+    module = import_module(f".{module_name}", __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
