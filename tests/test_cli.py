@@ -1,0 +1,192 @@
+"""The command line: ``python -m tracer run`` end to end (subprocess) and its helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tracer
+from tracer.cli import DEFAULT_PROMPTS, Result, build_parser, format_summary, main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+needs_tracing = pytest.mark.usefixtures()  # the recorder is part of the package
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "tracer", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tracer: error:")]
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Fast: parser, helpers, errors that stop before any model loads
+# ------------------------------------------------------------------------------------------
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["run"])
+    assert args.model is None and args.max_new_tokens == 128 and not args.do_sample
+    assert not args.with_prompt and not args.interactive and not args.no_trace
+    assert args.trace_dir is None and not args.record_attention
+
+
+def test_help_is_fast_and_lists_commands():
+    proc = run_cli("--help", timeout=60)
+    assert proc.returncode == 0
+    assert "run" in proc.stdout and "inspect" in proc.stdout
+
+
+def test_summary_table():
+    rows = [Result("为什么要减少污染，保护环境？" * 3, "x", 8, "eos:<|im_end|>", 0.5), Result("hi", "y", 4, "max_length", 0.0)]
+    table = format_summary(rows, width=10).splitlines()
+    assert table[0].split() == ["#", "prompt", "new", "tokens", "stop", "reason", "time", "s", "tokens/s"]
+    assert "…" in table[2] and "eos:<|im_end|>" in table[2] and "16.0" in table[2]
+    assert table[3].rstrip().endswith("0.0")
+
+
+def test_missing_data_file_exits_2(tmp_path, capsys):
+    assert main(["run", "--no-trace", "--data-file", str(tmp_path / "none.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tracer: error: data file not found") and err.count("\n") == 1
+
+
+def test_missing_model_path_exits_2(tmp_path):
+    proc = run_cli("run", "--no-trace", "--model", str(tmp_path / "no-model"))
+    assert_one_line_error(proc, "model path does not exist")
+
+
+def test_non_model_folder_exits_2(tmp_path):
+    proc = run_cli("run", "--no-trace", "--model", str(tmp_path))
+    assert_one_line_error(proc, "not a model folder")
+
+
+def test_no_trace_conflicts(capsys):
+    assert main(["run", "--no-trace", "--record-attention"]) == 2
+    assert "--no-trace cannot be combined" in capsys.readouterr().err
+
+
+def test_inspect_missing_file_exits_2(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "x.trace")]) == 2
+    assert "no such trace" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Slow: the embedded model through a subprocess
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_no_trace_default_prompts(tmp_path):
+    out = tmp_path / "sub" / "predictions.json"
+    proc = run_cli("run", "--no-trace", "--max-new-tokens", "8", "--with-prompt", "--predictions-file", str(out))
+    assert proc.returncode == 0, proc.stderr
+    raw = out.read_text(encoding="utf-8")
+    data = json.loads(raw)
+    assert [d["input"] for d in data] == list(DEFAULT_PROMPTS)
+    assert all(set(d) == {"input", "output"} and d["output"] for d in data)
+    assert DEFAULT_PROMPTS[0] in raw and "\\u" not in raw  # non-ASCII kept as is
+    assert raw.startswith("[\n  {")  # indent 2
+    table = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("#  prompt"))
+    assert len(table[header + 2 :]) == 2
+    assert all(("max_length" in row or "eos:" in row) for row in table[header + 2 :])
+
+
+@pytest.mark.slow
+def test_run_data_file(tmp_path):
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\n\n  Name a color.  \n", encoding="utf-8")
+    out = tmp_path / "p.json"
+    proc = run_cli(
+        "run", "--no-trace", "--with-prompt", "--data-file", str(data),
+        "--max-new-tokens", "12", "--predictions-file", str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text(encoding="utf-8"))
+    assert [d["input"] for d in got] == ["What is the capital of France?", "Name a color."]
+    assert "Paris" in got[0]["output"]
+
+
+@pytest.mark.slow
+def test_run_interactive_stops_at_empty_line(tmp_path):
+    out = tmp_path / "p.json"
+    proc = run_cli(
+        "run", "--no-trace", "--with-prompt", "--interactive", "--max-new-tokens", "12",
+        "--predictions-file", str(out),
+        stdin="What is the capital of France?\nSay hi.\n\nnever read\n",
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(out.read_text(encoding="utf-8"))
+    assert [d["input"] for d in got] == ["What is the capital of France?", "Say hi."]
+    assert "Paris" in proc.stdout.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_run_interactive_eof(tmp_path):
+    proc = run_cli("run", "--no-trace", "--interactive", "--max-new-tokens", "4", stdin="Hello")
+    assert proc.returncode == 0, proc.stderr
+    assert "Hello" in proc.stdout  # the summary row
+
+
+@pytest.mark.slow
+def test_sampling_is_seeded(tmp_path):
+    args = ["run", "--no-trace", "--do-sample", "--temperature", "1.3", "--top-k", "50", "--top-p", "0.95",
+            "--repetition-penalty", "1.1", "--seed", "7", "--max-new-tokens", "10"]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_cli(*args, "--predictions-file", str(a)).returncode == 0
+    assert run_cli(*args, "--predictions-file", str(b)).returncode == 0
+    assert json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------
+# Traced runs (need the recorder API)
+# ------------------------------------------------------------------------------------------
+
+
+@needs_tracing
+@pytest.mark.slow
+def test_run_traced_saves_one_trace_per_prompt(tmp_path):
+    trace_dir = tmp_path / "traces"
+    out = tmp_path / "p.json"
+    proc = run_cli(
+        "run", "--with-prompt", "--max-new-tokens", "6", "--trace-dir", str(trace_dir),
+        "--predictions-file", str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (trace_dir / "prompt_000.trace").exists() and (trace_dir / "prompt_001.trace").exists()
+    assert len(json.loads(out.read_text(encoding="utf-8"))) == 2
+
+
+@needs_tracing
+@pytest.mark.slow
+def test_run_traced_with_attention_then_inspect(tmp_path):
+    trace_dir = tmp_path / "traces"
+    data = tmp_path / "prompts.txt"
+    data.write_text("Hi\n", encoding="utf-8")
+    proc = run_cli(
+        "run", "--record-attention", "--max-new-tokens", "3", "--data-file", str(data), "--trace-dir", str(trace_dir)
+    )
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("inspect", str(trace_dir / "prompt_000.trace"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

@@ -1,0 +1,253 @@
+"""The step recorder on a tiny random Llama: identity, inputs, processors, stops, cleanup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import tracer
+from tracer import MemoryBudgetError, NotSupportedError, RecordConfig
+
+from conftest import make_inputs, make_tiny_llama
+
+SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1)
+
+
+def _generate(model, inputs, seed=None, **kw):
+    kw.setdefault("max_new_tokens", 12)
+    kw.setdefault("pad_token_id", 0)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(**inputs, **kw)
+
+
+def _traced(model, inputs, record=None, seed=None, **kw):
+    with tracer.trace(model, record=record) as t:
+        out = _generate(model, inputs, seed=seed, **kw)
+    return out, t.trace
+
+
+def _hook_counts(model):
+    # Only to prove removal: count hooks on every submodule.
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("batch,left_pad", [(1, 0), (3, 2)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_identical(batch, left_pad, attn):
+    model = make_tiny_llama()
+    model.set_attn_implementation(attn)
+    inputs = make_inputs(batch=batch, seq=7, left_pad=left_pad)
+    ref = _generate(model, inputs, do_sample=False)
+    out, trace = _traced(model, inputs, record=RecordConfig.everything(), do_sample=False)
+    assert torch.equal(ref, out)
+    assert np.array_equal(trace.sequences, ref.numpy())
+    assert model.config._attn_implementation == attn
+
+
+@pytest.mark.parametrize("batch,left_pad", [(1, 0), (3, 3)])
+def test_sampling_identical_same_seed(tiny_model, batch, left_pad):
+    inputs = make_inputs(batch=batch, seq=6, left_pad=left_pad, seed=3)
+    ref = _generate(tiny_model, inputs, seed=123, **SAMPLING)
+    out, trace = _traced(tiny_model, inputs, record=RecordConfig(attention=True, modules=True), seed=123, **SAMPLING)
+    assert torch.equal(ref, out)
+    names = [p.name for p in trace.steps[1].processors]
+    assert names == [
+        "RepetitionPenaltyLogitsProcessor",
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+    ]
+    assert all(s.sampled for s in trace.steps)
+
+
+def test_inputs_per_step(tiny_model):
+    inputs = make_inputs(batch=2, seq=5, left_pad=2)
+    _, trace = _traced(tiny_model, inputs, do_sample=False, max_new_tokens=6)
+    s0 = trace.steps[0]
+    assert s0.kind == "prefill"
+    assert np.array_equal(s0.inputs.input_ids, inputs["input_ids"].numpy())
+    assert s0.inputs.cache_len_before == 0
+    assert s0.inputs.cache_position.tolist() == [0, 1, 2, 3, 4]
+    assert s0.inputs.attention_mask_shape == (2, 5)
+    # left padding: the padded row's real tokens start at position 0
+    assert s0.inputs.position_ids[1, 2:].tolist() == [0, 1, 2]
+    for i, step in enumerate(trace.steps[1:], start=1):
+        assert step.inputs.input_ids.shape == (2, 1)
+        assert step.inputs.input_ids[:, 0].tolist() == trace.steps[i - 1].chosen.tolist()
+        assert step.inputs.cache_position.tolist() == [5 + i - 1]
+        assert step.inputs.cache_len_before == 5 + i - 1
+        assert step.inputs.position_ids[:, 0].tolist() == [4 + i, 2 + i]
+
+
+def test_topp_masks_and_replay_reproduces_final_probs(tiny_model):
+    inputs = make_inputs(batch=1, seq=6, seed=5)
+    record = RecordConfig(top_k=64)  # ≥ top_k=50: every surviving token is recorded
+    _, trace = _traced(tiny_model, inputs, record=record, seed=7, **SAMPLING)
+    for step in trace.steps:
+        top_p = next(p for p in step.processors if p.name == "TopPLogitsWarper")
+        assert top_p.newly_masked[0] > 0
+        assert top_p.params["top_p"] == 0.9
+        final = step.final
+        # replay: softmax over the recorded final-stage scores = recorded final probabilities
+        replay = torch.softmax(torch.from_numpy(final.values), dim=-1).numpy()
+        np.testing.assert_allclose(replay, final.probs, atol=1e-6)
+        # the chosen token's probability is consistent with the recorded top-k
+        chosen = int(step.chosen[0])
+        where = np.flatnonzero(final.ids[0] == chosen)
+        assert where.size == 1
+        np.testing.assert_allclose(final.probs[0, where[0]], step.chosen_prob[0], rtol=1e-5)
+        assert step.stages[-1].chosen_rank[0] == where[0]
+
+
+def test_processor_effects_consistent(tiny_model):
+    inputs = make_inputs(batch=2, seq=6, seed=2)
+    _, trace = _traced(tiny_model, inputs, seed=0, **SAMPLING)
+    for step in trace.steps:
+        effects = step.processors
+        temp = next(p for p in effects if p.name == "TemperatureLogitsWarper")
+        # temperature divides every score: the top values scale by 1/T, ranks are unchanged
+        np.testing.assert_allclose(temp.after.values, temp.before.values / 0.7, rtol=1e-5)
+        assert np.array_equal(temp.chosen_rank_after, temp.chosen_rank_before)
+        top_k = next(p for p in effects if p.name == "TopKLogitsWarper")
+        assert top_k.newly_masked.tolist() == [256 - 50] * 2
+        assert (top_k.kl > 0).all()
+        assert (step.stages[0].kl == 0).all()
+
+
+def test_greedy_chosen_is_argmax_and_full_logits(tiny_model):
+    inputs = make_inputs(batch=2, seq=4, seed=9)
+    _, trace = _traced(tiny_model, inputs, record=RecordConfig(full_logits=True), do_sample=False)
+    for step in trace.steps:
+        assert not step.sampled
+        full = trace.full_logits(step.index)
+        assert full.shape == (2, 256)
+        assert np.array_equal(step.chosen, full.argmax(-1))
+        assert np.array_equal(step.logits.ids[:, 0], full.argmax(-1))
+        np.testing.assert_allclose(step.logits.values[:, 0], full.max(-1))
+        assert step.stages[0].chosen_rank.tolist() == [0, 0]
+
+
+def test_stop_reasons_and_finished_rows(tiny_model):
+    inputs = make_inputs(batch=3, seq=5, seed=1, left_pad=1)
+    ref = _generate(tiny_model, inputs, do_sample=False, max_new_tokens=8)
+    # use the first generated token of sequence 1 as a terminator: it stops at step 0
+    stop_id = int(ref[1, 5])
+    _, trace = _traced(tiny_model, inputs, do_sample=False, max_new_tokens=8, eos_token_id=stop_id)
+    assert trace.stop_reasons[1] == f"eos:<{stop_id}>"
+    assert trace.steps[0].finished[1] and trace.steps[0].stop_reasons[1] == f"eos:<{stop_id}>"
+    for step in trace.steps[1:]:
+        assert not step.active[1]  # marked, not silently padded
+        assert step.chosen[1] == 0
+    others = [r for b, r in enumerate(trace.stop_reasons) if b != 1]
+    assert all(r in ("max_length", f"eos:<{stop_id}>") for r in others)
+    assert trace.num_new_tokens[1] == 1
+
+
+def test_exception_inside_with_restores_model(tiny_model):
+    before_hooks = _hook_counts(tiny_model)
+    before_gc = tiny_model.generation_config.to_dict()
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracer.trace(tiny_model, record=RecordConfig.everything()):
+            assert tiny_model.config._attn_implementation == "tracer_sdpa"
+            raise RuntimeError("boom")
+    assert _hook_counts(tiny_model) == before_hooks
+    assert tiny_model.config._attn_implementation == "sdpa"
+    assert tiny_model.generation_config.to_dict() == before_gc
+    assert not {"generate", "_get_logits_processor", "_get_stopping_criteria"} & set(vars(tiny_model))
+
+
+class _InterruptAt(LogitsProcessor):
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls > self.step:
+            raise KeyboardInterrupt
+        return scores
+
+
+def test_keyboard_interrupt_keeps_recorded_steps(tiny_model):
+    before_hooks = _hook_counts(tiny_model)
+    inputs = make_inputs(batch=1, seq=5)
+    with pytest.raises(KeyboardInterrupt):
+        with tracer.trace(tiny_model, record=RecordConfig(attention=True)) as t:
+            _generate(tiny_model, inputs, do_sample=False, logits_processor=LogitsProcessorList([_InterruptAt(3)]))
+    trace = t.trace
+    assert trace.meta.status == "interrupted"
+    assert trace.num_steps == 3
+    assert trace.stop_reasons == ["interrupted"]
+    assert trace.attention(2, 0).shape[-1] == 5 + 2
+    assert _hook_counts(tiny_model) == before_hooks
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_unsupported_modes_raise_before_generating(tiny_model):
+    inputs = make_inputs(batch=1, seq=5)
+    calls = []
+    handle = tiny_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with tracer.trace(tiny_model) as t:
+            with pytest.raises(NotSupportedError, match="beam"):
+                _generate(tiny_model, inputs, num_beams=2, do_sample=False)
+            with pytest.raises(NotSupportedError, match="assistant_model"):
+                _generate(tiny_model, inputs, assistant_model=tiny_model)
+    finally:
+        handle.remove()
+    assert calls == []
+    assert t.traces == []
+    with pytest.raises(NotSupportedError, match="encoder-decoder|decoder layers"):
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        tracer.trace(T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=64)))
+
+
+def test_memory_budget_checked_before_generating(tiny_model):
+    inputs = make_inputs(batch=2, seq=8)
+    record = RecordConfig(attention=True, max_bytes=10_000)
+    with pytest.raises(MemoryBudgetError, match="attention"):
+        with tracer.trace(tiny_model, record=record) as t:
+            _generate(tiny_model, inputs, do_sample=False, max_new_tokens=64)
+    assert t.traces == []
+    assert tiny_model.config._attn_implementation == "sdpa"
+    # stats only fit easily, and a large enough budget records every map
+    _, trace = _traced(tiny_model, inputs, record=RecordConfig(attention=True, attention_maps=False, max_bytes=10_000),
+                       do_sample=False, max_new_tokens=8)
+    assert trace.steps[3].attention_stats.entropy.shape == (2, 2, 4)
+
+
+def test_residual_norms_hidden_and_logit_lens(tiny_model):
+    inputs = make_inputs(batch=2, seq=6, seed=4)
+    record = RecordConfig(modules=True, hidden_layers=[1], logit_lens=True)
+    _, trace = _traced(tiny_model, inputs, record=record, do_sample=False, max_new_tokens=5)
+    assert trace.residual_points == ("embed", "layer.0", "layer.1", "norm")
+    for step in trace.steps:
+        assert step.residual_norms.shape == (4, 2)
+        np.testing.assert_allclose(step.residual_norms[2], np.linalg.norm(trace.hidden(step.index, 1), axis=-1), rtol=1e-5)
+        lens = step.logit_lens
+        assert lens.layers == (0, 1)
+        # the last layer seen through norm + lm_head *is* the model's output
+        assert lens.chosen_rank[-1].tolist() == step.stages[0].chosen_rank.tolist() == [0, 0]
+        assert np.array_equal(lens.top_id[-1], step.chosen)
+
+
+def test_no_generate_no_trace_and_nesting(tiny_model):
+    with tracer.trace(tiny_model) as t:
+        tiny_model(**make_inputs())  # a plain forward is not a generation
+        with pytest.raises(NotSupportedError, match="already being traced"):
+            with tracer.trace(tiny_model):
+                pass
+    assert t.traces == []
+    with pytest.raises(tracer.TracerError, match="nothing was traced"):
+        t.trace
+
+
+def test_two_generations_two_traces(tiny_model):
+    with tracer.trace(tiny_model) as t:
+        _generate(tiny_model, make_inputs(seq=4), do_sample=False, max_new_tokens=3)
+        _generate(tiny_model, make_inputs(seq=6), do_sample=False, max_new_tokens=5)
+    assert [tr.num_steps for tr in t.traces] == [3, 5]
+    assert t.trace is t.traces[-1]
