@@ -57,6 +57,8 @@ def read_layer(layer: Any) -> LayerReading:
     if not getattr(layer, "is_initialized", keys is not None) or keys is None or keys.dim() < 3:
         return LayerReading(seen=0, kept=0, allocated=0, nbytes=0)
     seen = layer.get_seq_length()
+    if hasattr(seen, "clone"):
+        seen = seen.clone()  # static layers count in a tensor updated in place
     allocated = int(keys.shape[-2])
     window = getattr(layer, "sliding_window", None)
     if getattr(layer, "max_cache_len", None) is not None and not getattr(layer, "is_sliding", False):

@@ -316,16 +316,18 @@ class _Generation:
             logp = torch.log_softmax(scores.float(), dim=-1)
             lse = torch.logsumexp(scores.float(), dim=-1)
             masked = torch.isneginf(scores).sum(-1)
+            p = logp.exp()
+            plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+            entropy = -plogp.sum(-1)
             if step.logps:
-                p = logp.exp()
-                kl = torch.where(p > 0, p * (logp - step.logps[-1]), torch.zeros_like(p)).sum(-1)
+                kl = (plogp - torch.where(p > 0, p * step.logps[-1], torch.zeros_like(p))).sum(-1)
             else:
                 kl = torch.zeros_like(lse)
                 if self.config.full_logits:
                     step.full_logits = _to_host(scores.detach().float())
         name = "logits" if processor is None else type(processor).__name__
         params = {} if processor is None else _processor_params(processor)
-        step.stages.append((name, params, ids, values, lse, masked, kl))
+        step.stages.append((name, params, ids, values, lse, masked, kl, entropy))
         step.logps.append(logp)
 
     def end_step(self, input_ids: torch.Tensor, is_done: torch.Tensor, fired: list) -> None:
@@ -484,7 +486,7 @@ class _Generation:
         ids = _np(inputs["input_ids"]).astype(np.int64) if inputs["input_ids"] is not None else np.zeros((0, 0), np.int64)
         q_len = ids.shape[1] if ids.ndim == 2 else 0
         stages = []
-        for j, (name, params, top_ids, values, lse, masked, kl) in enumerate(p["stages"]):
+        for j, (name, params, top_ids, values, lse, masked, kl, entropy) in enumerate(p["stages"]):
             stages.append(
                 Stage(
                     name=name,
@@ -495,6 +497,7 @@ class _Generation:
                     chosen_rank=_np(p["ranks"][j]).astype(np.int64),
                     chosen_logprob=_np(p["logps"][j]).astype(np.float32),
                     kl=_np(kl).astype(np.float32),
+                    entropy=_np(entropy).astype(np.float32),
                 )
             )
         lens = None
@@ -893,10 +896,23 @@ def trace_generate(
     generate_kwargs.setdefault("max_new_tokens", 64)
     if tokenizer.pad_token_id is not None:
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if "eos_token_id" not in generate_kwargs:
+        stops = default_terminators(model, tokenizer)
+        if stops:
+            generate_kwargs["eos_token_id"] = stops
     with trace(model, tokenizer, record=record) as session:
         session.pending_prompts = texts
         model.generate(**encoded, **generate_kwargs)
     return session.trace
+
+
+def default_terminators(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """The model's eos ids followed by the tokenizer's terminators (``eos`` and ``<|eot_id|>``)."""
+    from .models import terminators
+
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys([*ids, *terminators(tokenizer)]))
 
 
 def encode_prompts(

@@ -79,6 +79,7 @@ class Stage:
     chosen_rank: np.ndarray  # (B,) int64, 0-based rank of the finally chosen token here
     chosen_logprob: np.ndarray  # (B,) float32, log-prob of the chosen token here (-inf: masked)
     kl: np.ndarray  # (B,) float32, KL(p_this || p_previous) in nats; 0 for stage 0
+    entropy: np.ndarray | None = None  # (B,) float32, entropy of the full softmax row, nats
 
 
 @dataclass(frozen=True)
