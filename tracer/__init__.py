@@ -25,7 +25,7 @@ _LAZY = {
     "trace_generate": ("hooks", "trace_generate"),
     "encode_prompts": ("hooks", "encode_prompts"),
     "TraceSession": ("hooks", "TraceSession"),
-    "TracerWarning": ("hooks", "TracerWarning"),
+    "TracerWarning": ("recorder", "TracerWarning"),
     "RecordConfig": ("config", "RecordConfig"),
     "load_model": ("models", "load_model"),
     "load_tokenizer": ("models", "load_tokenizer"),

@@ -229,7 +229,14 @@ class CacheTimeline:
         return self.nbytes.sum(axis=1)
 
     def _elem_bytes(self) -> int:
-        return int(np.dtype(_numpy_dtype_name(self.layers[0].dtype)).itemsize) if self.layers else 0
+        if not self.layers:
+            return 0
+        name = _numpy_dtype_name(self.layers[0].dtype)
+        try:
+            return int(np.dtype(name).itemsize)
+        except TypeError:  # e.g. float8 kinds numpy cannot name: read the width from the name
+            digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
+            return max(int(digits or 8) // 8, 1)
 
     def predicted_bytes(self, *, query_heads: int | None = None, allocated: bool = False) -> np.ndarray:
         """`(S,)` bytes the memory model predicts: ``2 × Σ_layers kv_heads × head_dim × tokens ×
