@@ -25,15 +25,8 @@ from hypothesis import strategies as st
 
 from tracer import storage
 from tracer.records import MemoryStore, Trace, TraceFormatError, blob_key, replace
-from tracer.storage import (
-    SafetensorsStore,
-    inspect_trace,
-    load_trace,
-    save_trace,
-    trace_summary_html,
-    trace_to_html,
-    trace_to_perfetto,
-)
+from tracer.export import inspect_trace, trace_summary_html, trace_to_html, trace_to_perfetto
+from tracer.storage import SafetensorsStore, load_trace, save_trace
 from tracer.testing import make_trace
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +285,7 @@ def test_load_does_not_import_torch_or_transformers(saved):
         "import sys, tracer\n"
         f"t = tracer.load_trace({str(saved)!r})\n"
         "t.head_map(0, 0); t.to_html(); t.to_perfetto(); t._repr_html_()\n"
-        "from tracer.storage import inspect_trace; inspect_trace(t.blobs.path.parent)\n"
+        "from tracer.export import inspect_trace; inspect_trace(t.blobs.path.parent)\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('ok')\n"

@@ -94,7 +94,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.file.exists():
         raise FileNotFoundError(f"no such trace: {args.file}")
     try:
-        from tracer.storage import inspect_trace
+        from tracer.export import inspect_trace
     except ImportError as exc:
         raise CliError(f"trace inspection is not available: {exc}") from exc
     print(inspect_trace(args.file))

@@ -519,12 +519,12 @@ class Trace:
         return save_trace(self, path)
 
     def to_html(self, path: Any = None) -> str:
-        from .storage import trace_to_html
+        from .export import trace_to_html
 
         return trace_to_html(self, path)
 
     def to_perfetto(self, path: Any = None) -> Any:
-        from .storage import trace_to_perfetto
+        from .export import trace_to_perfetto
 
         return trace_to_perfetto(self, path)
 
@@ -535,7 +535,7 @@ class Trace:
         )
 
     def _repr_html_(self) -> str:
-        from .storage import trace_summary_html
+        from .export import trace_summary_html
 
         return trace_summary_html(self)
 
