@@ -251,3 +251,49 @@ def test_two_generations_two_traces(tiny_model):
         _generate(tiny_model, make_inputs(seq=6), do_sample=False, max_new_tokens=5)
     assert [tr.num_steps for tr in t.traces] == [3, 5]
     assert t.trace is t.traces[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_identical_and_recorded(dtype):
+    model = make_tiny_llama().to(dtype)
+    inputs = make_inputs(batch=2, seq=6, left_pad=2)
+    ref = _generate(model, inputs, seed=5, **SAMPLING)
+    out, trace = _traced(model, inputs, record=RecordConfig.everything(full_logits=True), seed=5, **SAMPLING)
+    assert torch.equal(ref, out)
+    assert trace.meta.dtype == str(dtype)
+    step = trace.steps[2]
+    assert step.logits.values.dtype == np.float32 and np.isfinite(step.logits.values).all()
+    assert trace.attention(2, 1).dtype == np.float16  # maps stored fp16 whatever the model dtype
+    rows = trace.head_map(1, 0, seq=0)
+    np.testing.assert_allclose(rows.sum(-1), 1.0, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_identical_and_recorded():  # pragma: no cover - CI has no GPU
+    model = make_tiny_llama().to("cuda", torch.bfloat16)
+    inputs = {k: v.cuda() for k, v in make_inputs(batch=3, seq=7, left_pad=2).items()}
+    for kw in (dict(do_sample=False), SAMPLING):
+        ref = _generate(model, inputs, seed=11, **kw)
+        out, trace = _traced(model, inputs, record=RecordConfig(attention=True, modules=True), seed=11, **kw)
+        assert torch.equal(ref, out)
+        assert trace.meta.device.startswith("cuda")
+        assert trace.attention(0, 0).shape[:2] == (3, 4)
+
+
+def test_runtime_budget_guard_warns_and_keeps_generating(tiny_model, monkeypatch):
+    """If the estimate was too low, recording of large arrays stops; generation goes on unchanged."""
+    from tracer.hooks import TraceSession
+
+    monkeypatch.setattr(TraceSession, "estimate_bytes", lambda self, **kw: {"steps": 0})
+    inputs = make_inputs(batch=1, seq=6)
+    ref = _generate(tiny_model, inputs, do_sample=False, max_new_tokens=10)
+    record = RecordConfig(attention=True, attention_dtype="float32", max_bytes=2_000)
+    with pytest.warns(tracer.TracerWarning, match="memory budget"):
+        out, trace = _traced(tiny_model, inputs, record=record, do_sample=False, max_new_tokens=10)
+    assert torch.equal(ref, out)
+    assert trace.num_steps == 10
+    recorded = [k for k in trace.blobs.keys()]
+    assert 0 < len(recorded) < 10 * 2
+    assert sum(trace.blobs.get(k).nbytes for k in recorded) <= 2_000
+    assert any("memory budget" in n for n in trace.meta.notes)

@@ -517,7 +517,7 @@ class Generation:
         from . import __version__
 
         return TraceMeta(
-            model_name=str(getattr(config, "_name_or_path", "") or type(model).__name__),
+            model_name=_model_name(config, model),
             model_class=type(model).__name__,
             model_config=_jsonable(config.to_dict()),
             num_layers=session.num_layers,
@@ -598,6 +598,15 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
     if tokenizer is None:
         return f"<{token_id}>"
     return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _model_name(config: Any, model: Any) -> str:
+    """The model's name: the last part of a local path, or the hub-style id as given."""
+    name = str(getattr(config, "_name_or_path", "") or "")
+    if not name:
+        return type(model).__name__
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    return parts[-1] if name.startswith(("/", ".", "~")) and parts else name
 
 
 def _int_or_none(value: Any) -> int | None:
