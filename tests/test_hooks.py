@@ -297,3 +297,19 @@ def test_runtime_budget_guard_warns_and_keeps_generating(tiny_model, monkeypatch
     assert 0 < len(recorded) < 10 * 2
     assert sum(trace.blobs.get(k).nbytes for k in recorded) <= 2_000
     assert any("memory budget" in n for n in trace.meta.notes)
+
+
+def test_without_cache_every_step_feeds_the_whole_sequence(tiny_model):
+    inputs = make_inputs(batch=1, seq=5)
+    ref = _generate(tiny_model, inputs, do_sample=False, max_new_tokens=4, use_cache=False)
+    out, trace = _traced(tiny_model, inputs, record=RecordConfig(attention=True), do_sample=False,
+                         max_new_tokens=4, use_cache=False)
+    assert torch.equal(ref, out)
+    for i, step in enumerate(trace.steps):
+        assert step.inputs.input_ids.shape == (1, 5 + i)
+        assert step.inputs.cache_len_before == 0
+        assert step.inputs.cache_position.tolist() == list(range(5 + i))
+        assert trace.attention(i, 0).shape == (1, 4, 5 + i, 5 + i)
+    assert trace.cache is None
+    cached = _traced(tiny_model, inputs, record=RecordConfig(attention=True), do_sample=False, max_new_tokens=4)[1]
+    np.testing.assert_allclose(trace.head_map(1, 2), cached.head_map(1, 2), atol=2e-3)

@@ -215,7 +215,9 @@ class Generation:
         step = _Step(len(self.pending), time.perf_counter())
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if self.next_cache_len is None:
+        if cache is None:  # use_cache=False: every step feeds the whole sequence again
+            step.cache_len_before = 0
+        elif self.next_cache_len is None:
             cache_position = kwargs.get("cache_position")
             if cache_position is not None and cache_position.numel():
                 step.cache_len_before = int(cache_position[0])
@@ -225,7 +227,7 @@ class Generation:
         else:
             step.cache_len_before = self.next_cache_len
         q_len = int(input_ids.shape[1]) if input_ids is not None else int(kwargs["inputs_embeds"].shape[1])
-        self.next_cache_len = step.cache_len_before + q_len
+        self.next_cache_len = step.cache_len_before + q_len if cache is not None else None
         mask = kwargs.get("attention_mask")
         step.inputs = {
             "input_ids": input_ids.detach() if input_ids is not None else None,

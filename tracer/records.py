@@ -464,8 +464,8 @@ class Trace:
         h = self.attention_heads.index(head)
         last = self.num_steps - 1 if upto_step is None else upto_step
         rows = [self.attention(0, layer)[seq, h].astype(np.float32)]
-        for s in range(1, last + 1):
-            rows.append(self.attention(s, layer)[seq, h].astype(np.float32))
+        for s in range(1, last + 1):  # the new query row (use_cache=False re-feeds earlier rows)
+            rows.append(self.attention(s, layer)[seq, h, -1:].astype(np.float32))
         size = max(r.shape[-1] for r in rows)
         out = np.zeros((sum(r.shape[0] for r in rows), size), dtype=np.float32)
         i = 0
