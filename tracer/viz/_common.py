@@ -1,0 +1,91 @@
+"""Shared helpers of the views: token text, escaping, figures, colours."""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from ..records import StepRecord, Trace
+
+
+_CHOSEN = "#e4572e"  # the chosen token, everywhere
+_OTHER = "#8da0cb"
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _tok(trace: Trace, token_id: int) -> str:
+    return trace.token_text.get(int(token_id), f"<{int(token_id)}>")
+
+
+def _show(text: str) -> str:
+    """A token's text made visible (newlines, tabs, leading spaces) for labels."""
+    return text.replace("\n", "↵").replace("\t", "⇥").replace(" ", "␣") if text.strip() == "" or "\n" in text else text
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _check_step(trace: Trace, step: int) -> StepRecord:
+    if not 0 <= step < trace.num_steps:
+        raise IndexError(f"step {step} out of range: the trace has {trace.num_steps} steps")
+    return trace.steps[step]
+
+
+def _seq_steps(trace: Trace, seq: int) -> list[int]:
+    """Indices of the steps at which sequence ``seq`` was still generating."""
+    return [s.index for s in trace.steps if s.active[seq]]
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _new_figure(**kw: Any) -> Figure:
+    # Made through pyplot so that the notebook's inline backend is active and displays the
+    # returned figure, then closed at once: pyplot keeps no reference (no leak, no double
+    # display at the end of the cell) and the figure still draws and saves.
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(**kw)
+    plt.close(fig)
+    return fig
+
+
+def _annotate(ax: Any, mat: np.ndarray, fmt: str, limit: int = 300) -> None:
+    """Write each cell's value on a small heatmap (skipped above ``limit`` cells)."""
+    if mat.size > limit:
+        return
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    for (i, j), v in np.ndenumerate(mat):
+        text = fmt.format(int(v) if fmt == "{:d}" else float(v))
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white", path_effects=outline)
+
+
+def _params(params: Any) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dict(params).items()) or "—"
+
+
+def _entropy_lower_bound(step: StepRecord, seq: int) -> float:
+    """Entropy (nats) of the final distribution restricted to the recorded top-k: a lower
+    bound on the full entropy, since every omitted term ``-p log p`` is non-negative."""
+    p = step.final.probs[seq].astype(np.float64)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+_CLASSES: dict[str, type] = {}  # widget classes, built on first use (ipywidgets imported lazily)

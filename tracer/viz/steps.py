@@ -1,0 +1,285 @@
+"""Step explorer: text so far, model inputs, processor waterfall, choice and stop."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from ..records import StepRecord, Trace
+
+from ._common import (
+    _CHOSEN,
+    _CLASSES,
+    _OTHER,
+    _check_step,
+    _esc,
+    _new_figure,
+    _params,
+    _png,
+    _show,
+    _tok,
+)
+
+# --------------------------------------------------------------------------------------
+# 1. Step explorer
+# --------------------------------------------------------------------------------------
+
+
+def _text_so_far(trace: Trace, step: int, seq: int) -> tuple[list[int], list[int]]:
+    prompt = [int(i) for i in trace.prompt_tokens(seq)]
+    gen = [int(trace.steps[s].chosen[seq]) for s in range(step + 1) if trace.steps[s].active[seq]]
+    return prompt, gen
+
+
+def _processor_rows(step: StepRecord, seq: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": e.name,
+            "params": _params(e.params),
+            "newly_masked": int(e.newly_masked[seq]),
+            "kl": float(e.kl[seq]),
+            "rank_before": int(e.chosen_rank_before[seq]),
+            "rank_after": int(e.chosen_rank_after[seq]),
+            "prob_before": float(e.chosen_prob_before[seq]),
+            "prob_after": float(e.chosen_prob_after[seq]),
+        }
+        for e in step.processors
+    ]
+
+
+def step_text(trace: Trace, step: int, seq: int = 0) -> str:
+    """Everything the step explorer shows for one step, as plain text."""
+    rec = _check_step(trace, step)
+    lines = [f"step {step} ({rec.kind}), sequence {seq}"]
+    if not rec.active[seq]:
+        lines.append(f"sequence {seq} had already finished ({trace.stop_reasons[seq]})")
+        return "\n".join(lines)
+    prompt, gen = _text_so_far(trace, step, seq)
+    lines.append("text: " + trace.text_of(prompt) + trace.text_of(gen[:-1]) + "[[" + _tok(trace, gen[-1]) + "]]")
+    inp = rec.inputs
+    ids = [int(i) for i in inp.input_ids[seq]]
+    lines.append("inputs:")
+    lines.append(f"  input_ids      {ids}")
+    lines.append(f"  tokens         {[_tok(trace, i) for i in ids]}")
+    lines.append(f"  cache_position {inp.cache_position.tolist()}")
+    pos = None if inp.position_ids is None else inp.position_ids[seq].tolist()
+    lines.append(f"  position_ids   {pos}")
+    lines.append(f"  cache length before {inp.cache_len_before}, attention mask shape {inp.attention_mask_shape}")
+    chosen = int(rec.chosen[seq])
+    argmax = int(rec.final.ids[seq, 0])
+    how = "sampled" if rec.sampled else "argmax"
+    lines.append(
+        f"chosen: {chosen} {_tok(trace, chosen)!r}  p={float(rec.chosen_prob[seq]):.4f}  "
+        f"rank {int(rec.stages[-1].chosen_rank[seq])}  ({how}; argmax {argmax} {_tok(trace, argmax)!r})"
+    )
+    lines.append("processors:")
+    header = f"  {'name':<34} {'params':<28} {'masked':>6} {'KL':>8}  rank      prob"
+    lines.append(header)
+    for r in _processor_rows(rec, seq):
+        lines.append(
+            f"  {r['name']:<34} {r['params']:<28} {r['newly_masked']:>6} {r['kl']:>8.4f}  "
+            f"{r['rank_before']}→{r['rank_after']:<5} {r['prob_before']:.4f}→{r['prob_after']:.4f}"
+        )
+    lines.append("top-k per stage (prob):")
+    for st in rec.stages:
+        probs = st.top.probs[seq]
+        cells = [
+            ("*" if int(i) == chosen else "") + f"{_tok(trace, i)!r}:{p:.3f}" for i, p in zip(st.top.ids[seq], probs)
+        ]
+        lines.append(f"  {st.name:<34} " + "  ".join(cells))
+    if rec.finished[seq]:
+        lines.append(f"stop: {rec.stop_reasons[seq]}")
+    return "\n".join(lines)
+
+
+def _text_html(trace: Trace, step: int, seq: int) -> str:
+    rec = trace.steps[step]
+    if not rec.active[seq]:
+        return f"<i>sequence {seq} had already finished ({_esc(trace.stop_reasons[seq])})</i>"
+    prompt, gen = _text_so_far(trace, step, seq)
+    out = [f'<span style="color:#777">{_esc(trace.text_of(prompt))}</span>', _esc(trace.text_of(gen[:-1]))]
+    cur = int(gen[-1])
+    out.append(
+        f'<span style="background:{_CHOSEN};color:white;border-radius:3px;padding:0 2px" '
+        f'title="id {cur}">{_esc(_show(_tok(trace, cur)))}</span>'
+    )
+    stop = ""
+    if rec.finished[seq]:
+        stop = f'<div style="color:{_CHOSEN};font-weight:bold">stopped: {_esc(str(rec.stop_reasons[seq]))}</div>'
+    return '<div style="white-space:pre-wrap;font-family:monospace">' + "".join(out) + "</div>" + stop
+
+
+def _inputs_html(trace: Trace, step: int, seq: int) -> str:
+    rec = trace.steps[step]
+    inp = rec.inputs
+    ids = [int(i) for i in inp.input_ids[seq]]
+    toks = " ".join(f"<code>{_esc(_show(_tok(trace, i)))}</code>" for i in ids)
+    pos = "None" if inp.position_ids is None else str(inp.position_ids[seq].tolist())
+    rows = [
+        ("input_ids", _esc(str(ids))),
+        ("tokens", toks),
+        ("cache_position", _esc(str(inp.cache_position.tolist()))),
+        ("position_ids", _esc(pos)),
+        ("cache length before", str(inp.cache_len_before)),
+        ("attention mask shape", _esc(str(inp.attention_mask_shape))),
+    ]
+    body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<b>model inputs, step {step} ({rec.kind})</b><table>{body}</table>"
+
+
+def _table_html(trace: Trace, step: int, seq: int) -> str:
+    rec = trace.steps[step]
+    if not rec.active[seq]:
+        return ""
+    chosen = int(rec.chosen[seq])
+    argmax = int(rec.final.ids[seq, 0])
+    how = "sampled" if rec.sampled else "argmax"
+    head = (
+        f"<div><b>chosen</b> <code>{_esc(_show(_tok(trace, chosen)))}</code> (id {chosen}) "
+        f"p={float(rec.chosen_prob[seq]):.4f}, rank {int(rec.stages[-1].chosen_rank[seq])}, {how}; "
+        f"argmax <code>{_esc(_show(_tok(trace, argmax)))}</code> (id {argmax})</div>"
+    )
+    cols = ["processor", "params", "newly masked", "KL (nats)", "chosen rank", "chosen prob"]
+    th = "".join(f"<th>{c}</th>" for c in cols)
+    trs = []
+    for r in _processor_rows(rec, seq):
+        trs.append(
+            f"<tr><td>{_esc(r['name'])}</td><td>{_esc(r['params'])}</td><td>{r['newly_masked']}</td>"
+            f"<td>{r['kl']:.4f}</td><td>{r['rank_before']} → {r['rank_after']}</td>"
+            f"<td>{r['prob_before']:.4f} → {r['prob_after']:.4f}</td></tr>"
+        )
+    stop = f"<div><b>stop reason:</b> {_esc(str(rec.stop_reasons[seq]))}</div>" if rec.finished[seq] else ""
+    return head + f"<table><tr>{th}</tr>{''.join(trs)}</table>" + stop
+
+
+def _waterfall_data(trace: Trace, step: int, seq: int) -> list[tuple[str, list[str], np.ndarray, list[bool], int]]:
+    rec = trace.steps[step]
+    chosen = int(rec.chosen[seq])
+    out = []
+    for st in rec.stages:
+        ids = [int(i) for i in st.top.ids[seq]]
+        out.append(
+            (
+                st.name,
+                [f"{_show(_tok(trace, i))} ({i})" for i in ids],
+                st.top.probs[seq],
+                [i == chosen for i in ids],
+                int(st.chosen_rank[seq]),
+            )
+        )
+    return out
+
+
+def processor_waterfall_figure(trace: Trace, step: int, seq: int = 0) -> Figure:
+    """One bar chart per stage (raw logits, then each processor): the top-k candidates'
+    probabilities, the chosen token in orange."""
+    rec = _check_step(trace, step)
+    data = _waterfall_data(trace, step, seq)
+    n = len(data)
+    fig = _new_figure(figsize=(3.2 * n, 0.35 * max(len(d[1]) for d in data) + 1.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (name, labels, probs, is_chosen, rank) in zip(axes, data):
+        y = np.arange(len(labels))
+        bars = ax.barh(y, probs, color=[_CHOSEN if c else _OTHER for c in is_chosen])
+        ax.bar_label(bars, [f"{p:.3g}" for p in probs], fontsize=7, padding=2)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.18)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+        ax.set_xlabel("probability")
+        ax.set_title(f"{name}\nchosen rank {rank}", fontsize=9)
+    fig.suptitle(f"step {step} ({rec.kind}), seq {seq}: top-{len(data[0][1])} after each stage", fontsize=10)
+    return fig
+
+
+
+
+def _step_explorer_class() -> type:
+    import ipywidgets as W
+
+    if "StepExplorer" in _CLASSES:
+        return _CLASSES["StepExplorer"]
+
+    class _StepExplorer(W.VBox):
+        """Slider over steps; ``.slider``, ``.play``, ``.text_html``, ``.inputs_html``,
+        ``.table_html`` and ``.waterfall`` (plotly ``FigureWidget`` or ``Image``)."""
+
+        def __init__(self, trace: Trace, seq: int = 0):
+            self.trace, self.seq = trace, seq
+            last = max(trace.num_steps - 1, 0)
+            self.slider = W.IntSlider(value=0, min=0, max=last, description="step", continuous_update=False)
+            self.play = W.Play(value=0, min=0, max=last, interval=700, description="play")
+            W.jslink((self.play, "value"), (self.slider, "value"))
+            self.text_html = W.HTML()
+            self.inputs_html = W.HTML()
+            self.table_html = W.HTML()
+            self.waterfall = _make_waterfall_widget(trace, seq)
+            self.slider.observe(self._on_step, names="value")
+            super().__init__(
+                [
+                    W.HBox([self.play, self.slider]),
+                    self.text_html,
+                    W.HBox([self.inputs_html, self.table_html]),
+                    self.waterfall,
+                ]
+            )
+            self.update(0)
+
+        def _on_step(self, change: dict) -> None:
+            self.update(int(change["new"]))
+
+        def update(self, step: int) -> None:
+            t, s = self.trace, self.seq
+            self.text_html.value = _text_html(t, step, s)
+            self.inputs_html.value = _inputs_html(t, step, s)
+            self.table_html.value = _table_html(t, step, s)
+            _update_waterfall_widget(self.waterfall, t, step, s)
+
+    _StepExplorer.__name__ = _StepExplorer.__qualname__ = "StepExplorer"
+    _CLASSES["StepExplorer"] = _StepExplorer
+    return _StepExplorer
+
+
+def _make_waterfall_widget(trace: Trace, seq: int) -> Any:
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        names = [st.name for st in trace.steps[0].stages]
+        fig = go.FigureWidget(make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.08))
+        for i in range(len(names)):
+            fig.add_bar(x=[], y=[], orientation="h", row=1, col=i + 1, showlegend=False, hovertemplate="%{y}: %{x:.4f}<extra></extra>")
+            fig.update_yaxes(autorange="reversed", row=1, col=i + 1)
+            fig.update_xaxes(range=[0, 1], row=1, col=i + 1)
+        fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
+        fig._tracer_kind = "plotly"  # type: ignore[attr-defined]
+        return fig
+    except ImportError:  # plotly or anywidget missing: a rendered PNG instead
+        import ipywidgets as W
+
+        return W.Image(format="png")
+
+
+def _update_waterfall_widget(widget: Any, trace: Trace, step: int, seq: int) -> None:
+    rec = trace.steps[step]
+    if getattr(widget, "_tracer_kind", None) == "plotly":
+        data = _waterfall_data(trace, step, seq) if rec.active[seq] else []
+        with widget.batch_update():
+            for i, bar in enumerate(widget.data):
+                if i < len(data):
+                    _, labels, probs, is_chosen, _ = data[i]
+                    bar.x, bar.y = probs.tolist(), labels
+                    bar.marker.color = [_CHOSEN if c else _OTHER for c in is_chosen]
+                else:
+                    bar.x, bar.y = [], []
+    else:
+        widget.value = _png(processor_waterfall_figure(trace, step, seq)) if rec.active[seq] else b""
+
+
+def step_explorer(trace: Trace, seq: int = 0) -> Any:
+    """Interactive walk through the steps of ``seq``; see :func:`step_text` for the contents."""
+    return _step_explorer_class()(trace, seq)
