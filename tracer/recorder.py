@@ -164,7 +164,7 @@ class Generation:
         else:
             self.prompt_mask = None
         self.generation_config: Any = None
-        self.processor_names: list[str] = []
+        self.processor_params: dict[int, dict[str, Any]] = {}  # id(processor) -> its settings
         self.cur: _Step | None = None
         self.pending: list[dict[str, Any]] = []
         self.readings: list[Any] = []
@@ -191,7 +191,9 @@ class Generation:
         if getattr(generation_config, "prefill_chunk_size", None):
             raise NotSupportedError("tracer does not support chunked prefill (prefill_chunk_size) yet")
         self.sampled = bool(generation_config.do_sample)
-        self.processor_names = [type(p).__name__ for p in processors]
+        # read once: processors are the same objects every step (and reading a CUDA tensor
+        # parameter would synchronise the device)
+        self.processor_params = {id(p): _processor_params(p) for p in processors}
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
         batch *= max(int(getattr(generation_config, "num_return_sequences", 1) or 1), 1)
         max_new = max(int(generation_config.max_length) - input_len, 1)
@@ -278,7 +280,7 @@ class Generation:
                 if self.config.full_logits:
                     step.full_logits = _to_host(scores.detach().float())
         name = "logits" if processor is None else type(processor).__name__
-        params = {} if processor is None else _processor_params(processor)
+        params = {} if processor is None else self.processor_params.get(id(processor), {})
         step.stages.append((name, params, ids, values, lse, masked, kl, entropy))
         step.logps.append(logp)
 
