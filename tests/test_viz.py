@@ -75,8 +75,13 @@ def test_step_explorer_waterfall_follows_slider(trace):
         pytest.skip("plotly FigureWidget unavailable; PNG fallback in use")
     for step in (0, 3):
         w.slider.value = step
+        assert w.children[-1] is w.waterfall  # the displayed waterfall is the current one
+        chosen = int(trace.steps[step].chosen[0])
         for bar, stage in zip(w.waterfall.data, trace.steps[step].stages):
             np.testing.assert_allclose(bar.x, stage.top.probs[0], rtol=1e-6)
+            # colours are part of the widget's initial state: the chosen token is highlighted
+            expected = ["#e4572e" if int(i) == chosen else "#8da0cb" for i in stage.top.ids[0]]
+            assert list(bar.marker.color) == expected
 
 
 def test_processor_table_masked_counts(trace):

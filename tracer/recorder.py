@@ -53,10 +53,12 @@ def _processor_params(processor: Any) -> dict[str, Any]:
     for key, value in vars(processor).items():
         if key.startswith("_"):
             continue
-        if isinstance(value, (bool, int, str)) or value is None:
+        if value is None:
+            continue
+        if isinstance(value, (bool, int, str)):
             out[key] = value
         elif isinstance(value, float):
-            out[key] = value if np.isfinite(value) else str(value)
+            out[key] = value if np.isfinite(value) else str(value)  # -inf: JSON has no infinities
         elif isinstance(value, torch.Tensor) and value.numel() <= 16:
             out[key] = value.detach().cpu().tolist()
         elif isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, (int, float, str)) for v in value):

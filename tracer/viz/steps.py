@@ -68,7 +68,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     lines.append(f"  cache_position {inp.cache_position.tolist()}")
     pos = None if inp.position_ids is None else inp.position_ids[seq].tolist()
     lines.append(f"  position_ids   {pos}")
-    lines.append(f"  cache length before {inp.cache_len_before}, attention mask shape {inp.attention_mask_shape}")
+    lines.append(f"  cache length before {inp.cache_len_before}, attention mask shape {inp.attention_mask_shape or 'none (no padding)'}")
     chosen = int(rec.chosen[seq])
     argmax = int(rec.final.ids[seq, 0])
     how = "sampled" if rec.sampled else "argmax"
@@ -125,7 +125,8 @@ def _inputs_html(trace: Trace, step: int, seq: int) -> str:
         ("cache_position", _esc(str(inp.cache_position.tolist()))),
         ("position_ids", _esc(pos)),
         ("cache length before", str(inp.cache_len_before)),
-        ("attention mask shape", _esc(str(inp.attention_mask_shape))),
+        ("attention mask shape", _esc(str(inp.attention_mask_shape)) if inp.attention_mask_shape
+                                  else "none (no padding: generate drops an all-ones mask)"),
     ]
     body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<b>model inputs, step {step} ({rec.kind})</b><table>{body}</table>"
@@ -217,7 +218,7 @@ def _step_explorer_class() -> type:
             self.text_html = W.HTML()
             self.inputs_html = W.HTML()
             self.table_html = W.HTML()
-            self.waterfall = _make_waterfall_widget(trace, seq)
+            self.waterfall = _make_waterfall_widget(trace, 0, seq)
             self.slider.observe(self._on_step, names="value")
             super().__init__(
                 [
@@ -237,47 +238,58 @@ def _step_explorer_class() -> type:
             self.text_html.value = _text_html(t, step, s)
             self.inputs_html.value = _inputs_html(t, step, s)
             self.table_html.value = _table_html(t, step, s)
-            _update_waterfall_widget(self.waterfall, t, step, s)
+            if step != getattr(self, "_waterfall_step", None):
+                self.waterfall = _make_waterfall_widget(t, step, s)
+                self._waterfall_step = step
+                self.children = (*self.children[:-1], self.waterfall)
 
     _StepExplorer.__name__ = _StepExplorer.__qualname__ = "StepExplorer"
     _CLASSES["StepExplorer"] = _StepExplorer
     return _StepExplorer
 
 
-def _make_waterfall_widget(trace: Trace, seq: int) -> Any:
+def _stage_title(name: str) -> str:
+    """Short subplot titles: ``TopPLogitsWarper`` -> ``TopP``, ``logits`` -> ``raw logits``."""
+    if name == "logits":
+        return "raw logits"
+    for suffix in ("LogitsProcessor", "LogitsWarper", "Processor", "Warper"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _make_waterfall_widget(trace: Trace, step: int, seq: int) -> Any:
+    """A new waterfall for one step, its data and colours set at construction.
+
+    Rebuilt on every step rather than restyled: restyle messages sent before the view exists
+    (a slider moved before display) can be lost, leaving default colours."""
+    rec = trace.steps[step]
+    data = _waterfall_data(trace, step, seq) if rec.active[seq] else []
     try:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        names = [st.name for st in trace.steps[0].stages]
-        fig = go.FigureWidget(make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.08))
+        names = [st.name for st in rec.stages]
+        fig = make_subplots(rows=1, cols=len(names), subplot_titles=[_stage_title(n) for n in names],
+                            horizontal_spacing=0.1)
         for i in range(len(names)):
-            fig.add_bar(x=[], y=[], orientation="h", row=1, col=i + 1, showlegend=False, hovertemplate="%{y}: %{x:.4f}<extra></extra>")
-            fig.update_yaxes(autorange="reversed", row=1, col=i + 1)
+            x, y, colors = [], [], []
+            if i < len(data):
+                _, y, probs, is_chosen, _ = data[i]
+                x, colors = probs.tolist(), [_CHOSEN if c else _OTHER for c in is_chosen]
+            fig.add_bar(x=x, y=y, orientation="h", marker_color=colors, row=1, col=i + 1, showlegend=False,
+                        hovertemplate="%{y}: %{x:.4f}<extra></extra>")
+            fig.update_yaxes(autorange="reversed", row=1, col=i + 1, tickfont=dict(size=10))
             fig.update_xaxes(range=[0, 1], row=1, col=i + 1)
-        fig.update_layout(height=320, margin=dict(l=10, r=10, t=40, b=10))
-        fig._tracer_kind = "plotly"  # type: ignore[attr-defined]
-        return fig
+        fig.update_annotations(font_size=12)
+        fig.update_layout(height=340, margin=dict(l=10, r=10, t=40, b=10))
+        widget = go.FigureWidget(fig)
+        widget._tracer_kind = "plotly"  # type: ignore[attr-defined]
+        return widget
     except ImportError:  # plotly or anywidget missing: a rendered PNG instead
         import ipywidgets as W
 
-        return W.Image(format="png")
-
-
-def _update_waterfall_widget(widget: Any, trace: Trace, step: int, seq: int) -> None:
-    rec = trace.steps[step]
-    if getattr(widget, "_tracer_kind", None) == "plotly":
-        data = _waterfall_data(trace, step, seq) if rec.active[seq] else []
-        with widget.batch_update():
-            for i, bar in enumerate(widget.data):
-                if i < len(data):
-                    _, labels, probs, is_chosen, _ = data[i]
-                    bar.x, bar.y = probs.tolist(), labels
-                    bar.marker.color = [_CHOSEN if c else _OTHER for c in is_chosen]
-                else:
-                    bar.x, bar.y = [], []
-    else:
-        widget.value = _png(processor_waterfall_figure(trace, step, seq)) if rec.active[seq] else b""
+        return W.Image(format="png", value=_png(processor_waterfall_figure(trace, step, seq)) if data else b"")
 
 
 def step_explorer(trace: Trace, seq: int = 0) -> Any:
