@@ -313,3 +313,20 @@ def test_without_cache_every_step_feeds_the_whole_sequence(tiny_model):
     assert trace.cache is None
     cached = _traced(tiny_model, inputs, record=RecordConfig(attention=True), do_sample=False, max_new_tokens=4)[1]
     np.testing.assert_allclose(trace.head_map(1, 2), cached.head_map(1, 2), atol=2e-3)
+
+
+def test_entropy_and_kl_match_direct_computation(tiny_model):
+    inputs = make_inputs(batch=2, seq=5, seed=8)
+    record = RecordConfig(full_logits=True)
+    _, trace = _traced(tiny_model, inputs, record=record, seed=3, do_sample=True, temperature=0.5, top_k=0,
+                       top_p=1.0, max_new_tokens=4)
+    for step in trace.steps:
+        assert [st.name for st in step.stages] == ["logits", "TemperatureLogitsWarper"]
+        raw = trace.full_logits(step.index).astype(np.float64)
+        logp = raw - np.log(np.exp(raw - raw.max(-1, keepdims=True)).sum(-1, keepdims=True)) - raw.max(-1, keepdims=True)
+        hot = raw / 0.5
+        logq = hot - np.log(np.exp(hot - hot.max(-1, keepdims=True)).sum(-1, keepdims=True)) - hot.max(-1, keepdims=True)
+        np.testing.assert_allclose(step.stages[0].entropy, -(np.exp(logp) * logp).sum(-1), rtol=1e-4)
+        np.testing.assert_allclose(step.stages[1].entropy, -(np.exp(logq) * logq).sum(-1), rtol=1e-4)
+        np.testing.assert_allclose(step.stages[1].kl, (np.exp(logq) * (logq - logp)).sum(-1), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(step.stages[0].top.logsumexp, np.log(np.exp(raw).sum(-1)), rtol=1e-5)

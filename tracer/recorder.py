@@ -134,7 +134,7 @@ class _Step:
 
     __slots__ = (
         "index", "t0", "inputs", "cache_len_before", "stages", "logps", "layer_last", "embed_last",
-        "norm_last", "readings", "full_logits",
+        "norm_last", "readings", "full_logits", "last_scores",
     )
 
     def __init__(self, index: int, t0: float):
@@ -149,6 +149,7 @@ class _Step:
         self.norm_last: torch.Tensor | None = None
         self.readings = None
         self.full_logits: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None
 
 
 class Generation:
@@ -267,20 +268,29 @@ class Generation:
         if step is None:
             return
         with torch.no_grad():
-            k = min(self.config.top_k, scores.shape[-1])
-            values, ids = torch.topk(scores, k, dim=-1)
-            logp = torch.log_softmax(scores.float(), dim=-1)
-            lse = torch.logsumexp(scores.float(), dim=-1)
-            masked = torch.isneginf(scores).sum(-1)
-            p = logp.exp()
-            plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-            entropy = -plogp.sum(-1)
-            if step.logps:
-                kl = (plogp - torch.where(p > 0, p * step.logps[-1], torch.zeros_like(p))).sum(-1)
+            prev = step.stages[-1] if step.stages else None
+            if prev is not None and (scores is step.last_scores or (
+                    scores.device.type == "cpu" and torch.equal(scores, step.last_scores))):
+                # a processor that changed nothing (e.g. min-length once reached): same stats
+                _, _, ids, values, lse, masked, _, entropy = prev
+                kl, logp = torch.zeros_like(lse), step.logps[-1]
             else:
-                kl = torch.zeros_like(lse)
-                if self.config.full_logits:
-                    step.full_logits = _to_host(scores.detach().float())
+                k = min(self.config.top_k, scores.shape[-1])
+                values, ids = torch.topk(scores, k, dim=-1)
+                s32 = scores.float()
+                lse = torch.logsumexp(s32, dim=-1, keepdim=True)
+                logp = s32 - lse  # -inf stays -inf
+                lse = lse.squeeze(-1)
+                masked = torch.isneginf(scores).sum(-1)
+                p = logp.exp()
+                entropy = torch.special.entr(p).sum(-1)
+                if step.logps:  # KL(p || previous); 0·log0 terms are nan and dropped
+                    kl = (p * (logp - step.logps[-1])).nansum(-1)
+                else:
+                    kl = torch.zeros_like(lse)
+                    if self.config.full_logits:
+                        step.full_logits = _to_host(scores.detach().float())
+            step.last_scores = scores
         name = "logits" if processor is None else type(processor).__name__
         params = {} if processor is None else self.processor_params.get(id(processor), {})
         step.stages.append((name, params, ids, values, lse, masked, kl, entropy))
