@@ -1,0 +1,119 @@
+"""Smoke test of ``benchmarks/overhead.py``: its functions on a tiny random Llama.
+
+Not a timing test: it checks the structure of the results (every configuration timed, plain
+at exactly 1.0×, the identity assertion held, growth/budget sections filled) in a few seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, make_inputs
+
+TOKENS = 8
+REPEATS = 2
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = REPO_ROOT / "benchmarks" / "overhead.py"
+    spec = importlib.util.spec_from_file_location("tracer_benchmark_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: a tiny model gains nothing from two, and loses much when other
+    processes share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def subject(bench, tiny_model):
+    return bench.Subject(
+        name="tiny",
+        model=tiny_model,
+        tokenizer=None,
+        inputs=make_inputs(batch=1, seq=6),
+        eos_token_id=[2],
+        pad_token_id=0,
+        description="2-layer random Llama",
+    )
+
+
+def test_overhead_structure(bench, subject):
+    configs = bench.configurations(include_nnsight=False)
+    result = bench.measure_overhead(subject, new_tokens=TOKENS, repeats=REPEATS, configs=configs)
+    rows = result["configs"]
+    assert set(rows) == set(configs)
+    assert rows["plain"]["ratio"] == 1.0
+    for name, row in rows.items():
+        assert row["error"] is None, (name, row["error"])
+        assert len(row["times_s"]) == REPEATS
+        assert row["median_s"] > 0 and row["ratio"] > 0
+    for name in bench.MUST_MATCH:
+        assert rows[name]["identical_to_plain"] is True
+    for name in ("light", "modules", "attention", "full_logits"):
+        assert rows[name]["recorded_bytes"] > 0
+    assert rows["full_logits"]["recorded_bytes"] > rows["light"]["recorded_bytes"]
+    assert result["attention_vs_hf_eager_attn"] > 0
+    assert subject.model.config._attn_implementation == "sdpa"  # eager switched back
+
+
+def test_identity_assertion_catches_a_changed_result(bench, subject):
+    def changes_the_result(s, n):
+        ids, _ = bench.run_plain(s, n)
+        ids = ids.clone()
+        ids[0, -1] = (ids[0, -1] + 1) % 256
+        return ids, None
+
+    configs = {"plain": bench.run_plain, "light": changes_the_result}
+    with pytest.raises(AssertionError, match="differ from plain"):
+        bench.measure_overhead(subject, new_tokens=TOKENS, repeats=1, configs=configs)
+
+
+def test_growth_budget_and_report(bench, subject, tmp_path):
+    growth = bench.measure_growth(subject, sizes=(4, 8, 16), repeats=REPEATS)
+    assert [r["new_tokens"] for r in growth["rows"]] == [4, 8, 16]
+    for row in growth["rows"]:
+        assert row["ratio"] > 0
+        assert row["trace_bytes_on_disk"] > 0 and row["trace_bytes_in_memory"] > 0
+        assert row["save_median_s"] > 0 and row["load_median_s"] > 0
+        assert row["light_peak_rss_delta_bytes"] >= 0
+    assert isinstance(growth["disk_size_linear_in_tokens"], bool)
+
+    budget = bench.measure_budget(subject, max_bytes=1024, new_tokens=TOKENS, repeats=1)
+    assert budget["raised"] and budget["forward_passes_before_raise"] == 0
+
+    overhead = bench.measure_overhead(
+        subject, new_tokens=4, repeats=1, configs={"plain": bench.run_plain, "light": bench.traced(bench.RecordConfig())}
+    )
+    results = {
+        "machine": bench.machine_info(subject.device),
+        "subjects": [{"name": "tiny", "description": "", "overhead": overhead, "growth": growth, "budget": budget}],
+    }
+    json.dumps(results)  # JSON-able as written to latest.json
+    md = bench.render_markdown(results)
+    assert "| plain |" in md and "| light |" in md and "MemoryBudgetError" in md
+
+
+def test_cuda_refused_clearly_without_cuda(bench):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        bench.main(["--device", "cuda", "--out", str(Path("/nonexistent"))])
