@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TRACER_CACHE_DIR ?= $(CURDIR)/.cache/tracer
 
-.PHONY: venv demo test bench
+.PHONY: venv demo test bench browser
 
 venv: $(STAMP)
 
@@ -26,3 +26,8 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/overhead.py
+
+# The real-browser notebook check alone (JupyterLab + Debian's chromium); screenshots in
+# tests/_artifacts/browser/. Part of `make test` whenever /usr/bin/chromium exists.
+browser: venv
+	$(BIN)/python tests/browser_check.py tests/_artifacts/browser

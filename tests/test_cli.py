@@ -14,7 +14,6 @@ import tracer
 from tracer.cli import DEFAULT_PROMPTS, Result, build_parser, format_summary, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-needs_tracing = pytest.mark.usefixtures()  # the recorder is part of the package
 
 
 def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -163,7 +162,6 @@ def test_sampling_is_seeded(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-@needs_tracing
 @pytest.mark.slow
 def test_run_traced_saves_one_trace_per_prompt(tmp_path):
     trace_dir = tmp_path / "traces"
@@ -177,7 +175,6 @@ def test_run_traced_saves_one_trace_per_prompt(tmp_path):
     assert len(json.loads(out.read_text(encoding="utf-8"))) == 2
 
 
-@needs_tracing
 @pytest.mark.slow
 def test_run_traced_with_attention_then_inspect(tmp_path):
     trace_dir = tmp_path / "traces"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numpy as np
 import pytest
 import torch
@@ -130,7 +131,9 @@ def test_multi_turn_reuses_first_turn_cache(embedded):
         answer = tok.decode(first.sequences[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
         _, enc2 = encode_prompts(tok, [messages], chat=True)
-        model.generate(**enc2, past_key_values=cache, max_new_tokens=8, do_sample=False)
+        # transformers >= 5.2x names the argument `cache`; 5.17 `past_key_values`
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model.generate(**enc2, **{cache_kw: cache}, max_new_tokens=8, do_sample=False)
     turn1, turn2 = t.traces
     assert turn1.cache.reused_len == 0
     assert turn2.cache.reused_len == reused > 0

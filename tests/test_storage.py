@@ -652,3 +652,9 @@ def test_repr_html_uses_summary():
     assert out.startswith("<table") and "synthetic" in out
     loaded_like = replace(trace, blobs=MemoryStore())
     assert "synthetic" in trace_summary_html(loaded_like)
+
+
+def test_saved_files_share_one_mode(tmp_path):
+    folder = save_trace(make_trace(), tmp_path / "perm.trace")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert len(set(modes.values())) == 1, modes

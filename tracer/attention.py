@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ._device import to_host
 from .records import NotSupportedError
 
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionRecorder]" = weakref.WeakKeyDictionary()
@@ -41,8 +42,12 @@ def _inner_function(name: str, module: torch.nn.Module) -> Callable:
 
 
 def _make_recording_function(original: str) -> Callable:
+    inner_by_class: dict[type, Callable] = {}  # resolved once per attention class
+
     def recording_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        inner = _inner_function(original, module)
+        inner = inner_by_class.get(type(module))
+        if inner is None:
+            inner = inner_by_class[type(module)] = _inner_function(original, module)
         output = inner(module, query, key, value, attention_mask, *args, **kwargs)
         recorder = _ACTIVE.get(module)
         if recorder is not None:
@@ -106,12 +111,16 @@ class AttentionRecorder:
         self.stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._head_index: dict[torch.device, torch.Tensor] = {}
         self._layer_of = {id(m): i for i, m in modules.items()}
+        self._pending: list[tuple] = []  # decode-step rows computed for all layers at once
 
     def begin_step(self, step: int, cache_len_before: int) -> None:
         self.step = step
         self.cache_len_before = cache_len_before
         self.maps = {}
         self.stats = {}
+        self._pending = []
+        self._mask_key: tuple | None = None  # every layer of a step gets the same mask: build once
+        self._mask_value: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def wanted(self) -> bool:
         return self.enabled and self.step >= 0 and (self.steps is None or self.step in self.steps)
@@ -122,41 +131,139 @@ class AttentionRecorder:
         layer = self._layer_of.get(id(module))
         if layer is None:
             return
-        with torch.no_grad():
-            probs, allowed = self._probabilities(module, query, key, attention_mask, output, kwargs)
-            last = probs[:, :, -1, :]
-            first = allowed[:, :, -1, :].int().argmax(dim=-1)  # (B, 1|H): first attended key
-            entropy = -(last * torch.log(last.clamp_min(1e-30))).sum(-1)
-            sink = last.gather(-1, first.expand(last.shape[0], last.shape[1]).unsqueeze(-1)).squeeze(-1)
-            self.stats[layer] = (entropy, sink, last.argmax(dim=-1))
-            if self.store_maps:
-                self.maps[layer] = _to_host(probs.to(self.dtype))
-
-    def _probabilities(self, module, query, key, attention_mask, output, kwargs):
-        b, _, q_len, _ = query.shape
-        k_len = key.shape[-2]
-        heads = self._heads(query.device)
-        valid = min(k_len, self.cache_len_before + q_len)  # static caches are preallocated
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        allowed = _allowed(attention_mask, b, q_len, k_len, query.device)
-        if weights is not None and weights.dim() == 4 and weights.shape[-1] == k_len:
-            probs = weights.index_select(1, heads).float()
-        else:
+        if query.shape[2] == 1 and weights is None:
+            # a decode step: keep references (the query is fresh, the keys are the cache's own
+            # tensor, neither is written before the step ends) and compute every layer in one
+            # batched pass in `collect` — 1 matmul/softmax per step instead of one per layer
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", 1.0 / math.sqrt(query.shape[-1]))
-            q = query.index_select(1, heads).float()
-            k = key.index_select(1, torch.div(heads, self.groups, rounding_mode="floor")).float()
-            scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+            self._pending.append((layer, query, key, attention_mask, float(scaling), kwargs.get("softcap")))
+            return
+        with torch.no_grad():
+            probs, first = self._probabilities(module, query, key, attention_mask, output, kwargs)
+            self._keep([layer], probs.unsqueeze(0), first)
+
+    def collect(self) -> tuple[dict[int, tuple], dict[int, torch.Tensor]]:
+        """(stats, maps) of the step, per layer; computes the deferred decode rows first."""
+        if self._pending:
+            with torch.no_grad():
+                self._flush()
+        stats, maps = self.stats, self.maps
+        self.stats, self.maps = {}, {}
+        return stats, maps
+
+    def _flush(self) -> None:
+        groups: dict[tuple, list[tuple]] = {}
+        for item in self._pending:
+            _, query, key, mask, scaling, softcap = item
+            sig = (tuple(query.shape), tuple(key.shape), key.dtype, id(mask), scaling, softcap)
+            groups.setdefault(sig, []).append(item)
+        self._pending = []
+        for items in groups.values():
+            per_layer = items[0][2].numel() * 4 * 2  # fp32 keys + scores, roughly
+            chunk = max(1, (64 * 2**20) // max(per_layer, 1))  # bound the temporary memory
+            for start in range(0, len(items), chunk):
+                part = items[start : start + chunk]
+                self._batched([it[0] for it in part], torch.stack([it[1] for it in part]),
+                              torch.stack([it[2] for it in part]), *part[0][3:])
+
+    def _batched(self, layers, query, key, mask, scaling, softcap) -> None:
+        """`query (L, B, H, 1, D)`, `key (L, B, KV, T, D)` of several layers at one decode step."""
+        n, b, n_heads, q_len, dim = query.shape
+        k_len = key.shape[-2]
+        valid = min(k_len, self.cache_len_before + q_len)
+        allowed, first = self._mask(mask, b, q_len, k_len, query.device)
+        if len(self.heads) == n_heads:  # GQA without repeat_kv
+            n_kv = key.shape[2]
+            q = query.float().reshape(n, b, n_kv, (n_heads // n_kv) * q_len, dim)
+            scores = torch.matmul(q, key.float().transpose(-1, -2)).view(n, b, n_heads, q_len, k_len)
+        else:
+            heads = self._heads(query.device)
+            q = query.index_select(2, heads).float()
+            k = key.index_select(2, torch.div(heads, self.groups, rounding_mode="floor")).float()
+            scores = torch.matmul(q, k.transpose(-1, -2))
+        scores.mul_(scaling)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None and mask.dim() == 4 and mask.dtype != torch.bool:
+            scores += mask[..., -q_len:, :k_len].float()
+        if allowed is not None:
+            scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if allowed is not None:
+            probs = probs.masked_fill(~allowed, 0.0)
+        if valid < k_len:
+            probs = probs[..., :valid]
+        self._keep(layers, probs, first)
+
+    def _keep(self, layers: list[int], probs: torch.Tensor, first: torch.Tensor | None) -> None:
+        """Statistics of the last query row and (optionally) the maps; `probs (L, B, H, Q, T)`."""
+        last = probs[..., -1, :]
+        entropy = torch.special.entr(last).sum(-1)
+        if first is None:  # nothing masked: the first key is position 0
+            sink = last[..., 0]
+        else:
+            sink = last.gather(-1, first.expand(last.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        argmax = last.argmax(dim=-1)
+        for i, layer in enumerate(layers):
+            self.stats[layer] = (entropy[i], sink[i], argmax[i])
+        if self.store_maps:
+            maps = probs.to(self.dtype)  # our own tensor: no extra copy on the host
+            maps = maps if maps.device.type == "cpu" else to_host(maps)
+            for i, layer in enumerate(layers):
+                self.maps[layer] = maps[i]
+
+    def _mask(self, attention_mask, b: int, q_len: int, k_len: int, device):
+        """(allowed `(B, 1|H, Q, T)` bool or None when every key is allowed, first attended key
+        of the last query row `(B, 1|H)` or None)."""
+        key = (id(attention_mask), b, q_len, k_len)
+        if key != self._mask_key:
+            if attention_mask is None and q_len == 1:
+                value = (None, None)  # decoding without padding: one row that sees every key
+            else:
+                allowed = _allowed(attention_mask, b, q_len, k_len, device)
+                value = (allowed, allowed[:, :, -1, :].int().argmax(dim=-1))
+            self._mask_key, self._mask_value = key, value
+        return self._mask_value
+
+    def _probabilities(self, module, query, key, attention_mask, output, kwargs):
+        b, n_heads, q_len, dim = query.shape
+        k_len = key.shape[-2]
+        valid = min(k_len, self.cache_len_before + q_len)  # static caches are preallocated
+        allowed, first = self._mask(attention_mask, b, q_len, k_len, query.device)
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        all_heads = len(self.heads) == n_heads
+        if weights is not None and weights.dim() == 4 and weights.shape[-1] == k_len:  # eager
+            probs = (weights if all_heads else weights.index_select(1, self._heads(query.device))).float()
+        else:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", 1.0 / math.sqrt(dim))
+            if all_heads:  # GQA without repeat_kv: each KV head against its group of query heads
+                n_kv = key.shape[1]
+                q = query.float().reshape(b, n_kv, (n_heads // n_kv) * q_len, dim)
+                scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, n_heads, q_len, k_len)
+            else:
+                heads = self._heads(query.device)
+                q = query.index_select(1, heads).float()
+                k = key.index_select(1, torch.div(heads, self.groups, rounding_mode="floor")).float()
+                scores = torch.matmul(q, k.transpose(-1, -2))
+            scores.mul_(scaling)
             softcap = kwargs.get("softcap")
             if softcap:
                 scores = torch.tanh(scores / softcap) * softcap
             if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype != torch.bool:
-                scores = scores + attention_mask[..., :k_len].float()
-            scores = scores.masked_fill(~allowed, float("-inf"))
+                scores += attention_mask[..., -q_len:, :k_len].float()
+            if allowed is not None:
+                scores.masked_fill_(~allowed, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0) * allowed
-        return probs[..., :valid], allowed[..., :valid]
+        if allowed is not None:  # exact zeros where masked; fully masked (padding) rows become 0
+            probs = probs.masked_fill(~allowed, 0.0)
+        if valid < k_len:
+            probs = probs[..., :valid]
+        return probs, first
 
     def _heads(self, device: torch.device) -> torch.Tensor:
         idx = self._head_index.get(device)
@@ -179,10 +286,3 @@ def _allowed(mask: torch.Tensor | None, b: int, q_len: int, k_len: int, device) 
         return m.expand(b, m.shape[1], q_len, k_len)
     return (m > torch.finfo(m.dtype).min / 2).expand(b, m.shape[1], q_len, k_len)
 
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
-    out.copy_(t, non_blocking=True)
-    return out

@@ -235,7 +235,8 @@ def _run_traced(trace_api, model, tokenizer, prompt, index, args, gen_kwargs) ->
     total = getattr(trace, "total_time_s", None)
     result = Result(
         prompt=prompt,
-        output=trace.generated_text[0].strip(),
+        # a max_length cut can split a multi-byte character: drop its replacement char
+        output=trace.generated_text[0].strip().rstrip("\ufffd"),
         new_tokens=int(trace.num_new_tokens[0]),
         stop_reason=str(trace.stop_reasons[0]),
         time_s=float(total) if total is not None else elapsed,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import SCHEMA_VERSION, Trace, TraceFormatError, blob_key, parse_blob_key
+from .records import SCHEMA_VERSION, Trace, TraceFormatError, blob_key, parse_blob_key, stack_rows
 from .storage import (
     BLOBS,
     FORMAT_NAME,
@@ -183,16 +183,11 @@ def _mean_head_map(trace: Trace, layer: int, seq: int, last_step: int) -> np.nda
         key = blob_key("attention", s, layer)
         if key not in trace.blobs:
             break
-        rows.append(np.asarray(trace.blobs.get(key))[seq].astype(np.float32).mean(axis=0))
+        block = np.asarray(trace.blobs.get(key))[seq].astype(np.float32).mean(axis=0)
+        rows.append(block if s == 0 else block[-1:])  # decode steps: the new query row
     if not rows:
         return None
-    size = max(r.shape[-1] for r in rows)
-    out = np.zeros((sum(r.shape[0] for r in rows), size), dtype=np.float32)
-    i = 0
-    for r in rows:
-        out[i : i + r.shape[0], : r.shape[1]] = r
-        i += r.shape[0]
-    return out
+    return stack_rows(rows)
 
 
 def _meta_rows(trace: Trace) -> list[tuple[str, str]]:

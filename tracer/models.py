@@ -10,6 +10,8 @@ Cache location: ``$TRACER_CACHE_DIR/models/<name>`` (default ``~/.cache/tracer/m
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -308,6 +310,19 @@ def _check_quantization(load_in_4bit: bool, load_in_8bit: bool, device: Any) -> 
         raise ModelLoadError(f"{flag} needs bitsandbytes: pip install bitsandbytes")
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     *,
@@ -361,7 +376,8 @@ def load_model(
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": dev.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        with _quiet_progress():  # a ~1 s load from a local folder needs no progress bar
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001

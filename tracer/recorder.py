@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import cache_inspector
+from ._device import sync, to_host
 from .records import (
     AttentionStats,
     LogitLens,
@@ -216,7 +217,7 @@ class Generation:
     def start_step(self, args: tuple, kwargs: dict) -> None:
         session = self.session
         if self.config.sync_timing:
-            _sync(session.device)
+            sync(session.device)
         step = _Step(len(self.pending), time.perf_counter())
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -289,7 +290,7 @@ class Generation:
                 else:
                     kl = torch.zeros_like(lse)
                     if self.config.full_logits:
-                        step.full_logits = _to_host(scores.detach().float())
+                        step.full_logits = to_host(scores.detach().float())
             step.last_scores = scores
         name = "logits" if processor is None else type(processor).__name__
         params = {} if processor is None else self.processor_params.get(id(processor), {})
@@ -323,15 +324,15 @@ class Generation:
             if step.full_logits is not None:
                 self.put_blob(blob_key("logits", step.index), step.full_logits, host=True)
             attn_stats = None
-            if session.attention is not None and session.attention.stats:
-                rec = session.attention
-                layers = sorted(rec.stats)
-                attn_stats = (tuple(layers), *[torch.stack([rec.stats[l][j] for l in layers]) for j in range(3)])
-                for layer, probs in rec.maps.items():
+            if session.attention is not None:
+                stats, maps = session.attention.collect()
+                if stats:
+                    layers = sorted(stats)
+                    attn_stats = (tuple(layers), *[torch.stack([stats[l][j] for l in layers]) for j in range(3)])
+                for layer, probs in maps.items():
                     self.put_blob(blob_key("attention", step.index, layer), probs, host=True)
-                rec.maps, rec.stats = {}, {}
         if self.config.sync_timing:
-            _sync(session.device)
+            sync(session.device)
         self.pending.append(
             {
                 "index": step.index,
@@ -389,7 +390,7 @@ class Generation:
                 warnings.warn(msg, TracerWarning, stacklevel=2)
             return
         self.blob_bytes += nbytes
-        self.blobs.put(key, tensor if host else _to_host(tensor.detach()))
+        self.blobs.put(key, tensor if host else to_host(tensor.detach()))
 
     # -- the end ---------------------------------------------------------------------
     def finish(self, output: Any, error: BaseException | None) -> Trace:
@@ -401,7 +402,7 @@ class Generation:
         else:
             status = "error"
         if self.session.device.type != "cpu":
-            _sync(self.session.device)
+            sync(self.session.device)
         sequences = getattr(output, "sequences", output) if output is not None else None
         n_steps = len(self.pending)
         if isinstance(sequences, torch.Tensor) and self.prompt_ids is not None:
@@ -595,19 +596,6 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
-    out.copy_(t, non_blocking=True)
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:

@@ -466,13 +466,7 @@ class Trace:
         rows = [self.attention(0, layer)[seq, h].astype(np.float32)]
         for s in range(1, last + 1):  # the new query row (use_cache=False re-feeds earlier rows)
             rows.append(self.attention(s, layer)[seq, h, -1:].astype(np.float32))
-        size = max(r.shape[-1] for r in rows)
-        out = np.zeros((sum(r.shape[0] for r in rows), size), dtype=np.float32)
-        i = 0
-        for r in rows:
-            out[i : i + r.shape[0], : r.shape[1]] = r
-            i += r.shape[0]
-        return out
+        return stack_rows(rows)
 
     def full_logits(self, step: int) -> np.ndarray:
         """`(B, V)` raw last-position logits (needs ``RecordConfig(full_logits=True)``)."""
@@ -538,6 +532,18 @@ class Trace:
         from .export import trace_summary_html
 
         return trace_summary_html(self)
+
+
+def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """`(ΣQ, T_max)`: attention row blocks of growing key length, stacked and zero-padded on
+    the right — the lower-triangular map of a whole generation."""
+    size = max(r.shape[-1] for r in rows)
+    out = np.zeros((sum(r.shape[0] for r in rows), size), dtype=np.float32)
+    i = 0
+    for r in rows:
+        out[i : i + r.shape[0], : r.shape[1]] = r
+        i += r.shape[0]
+    return out
 
 
 def replace(obj: Any, **changes: Any) -> Any:

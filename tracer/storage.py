@@ -253,7 +253,9 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         ]
         text = json.dumps(manifest, indent=1, ensure_ascii=False)
         (tmp / MANIFEST).write_bytes(text.encode("utf-8"))
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; give all three files the usual mode
         for name in (TABLES, BLOBS, MANIFEST):
+            os.chmod(tmp / name, mode)
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
         if target.exists():
@@ -269,6 +271,12 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _replaceable(target: Path) -> bool:
