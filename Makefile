@@ -24,7 +24,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# nnsight is the peer the benchmark compares with (optional: the column says "not installed").
 bench: venv
+	$(BIN)/python -m pip install -q nnsight==0.8.1 || echo "nnsight not installed: peer column skipped"
 	$(BIN)/python benchmarks/overhead.py
 
 # The real-browser notebook check alone (JupyterLab + Debian's chromium); screenshots in

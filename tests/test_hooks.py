@@ -330,3 +330,69 @@ def test_entropy_and_kl_match_direct_computation(tiny_model):
         np.testing.assert_allclose(step.stages[1].entropy, -(np.exp(logq) * logq).sum(-1), rtol=1e-4)
         np.testing.assert_allclose(step.stages[1].kl, (np.exp(logq) * (logq - logp)).sum(-1), rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(step.stages[0].top.logsumexp, np.log(np.exp(raw).sum(-1)), rtol=1e-5)
+
+
+class _InPlaceBan(LogitsProcessor):
+    """Edits scores in place (a common user pattern) — must be recorded as a change."""
+
+    def __call__(self, input_ids, scores):
+        scores[:, 5] = -float("inf")
+        return scores
+
+
+def test_in_place_processor_is_recorded(tiny_model):
+    inputs = make_inputs(batch=1, seq=5)
+    _, trace = _traced(tiny_model, inputs, do_sample=False, max_new_tokens=3,
+                       logits_processor=LogitsProcessorList([_InPlaceBan()]))
+    for step in trace.steps:
+        ban = next(p for p in step.processors if p.name == "_InPlaceBan")
+        assert ban.newly_masked[0] == 1
+        assert 5 not in ban.after.ids[0][np.isfinite(ban.after.values[0])]
+
+
+def test_recording_failure_never_changes_generation(tiny_model, monkeypatch):
+    from tracer.recorder import Generation
+
+    calls = {"n": 0}
+    original = Generation.stage
+
+    def flaky(self, processor, scores):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("recorder bug")
+        return original(self, processor, scores)
+
+    monkeypatch.setattr(Generation, "stage", flaky)
+    inputs = make_inputs(batch=2, seq=5, left_pad=1)
+    ref = _generate(tiny_model, inputs, seed=2, **SAMPLING)
+    with pytest.warns(tracer.TracerWarning, match="recording stopped at step 0: RuntimeError: recorder bug"):
+        out, trace = _traced(tiny_model, inputs, record=RecordConfig(attention=True), seed=2, **SAMPLING)
+    assert torch.equal(ref, out)
+    assert trace.meta.status == "error" and "recorder bug" in trace.meta.error
+    assert trace.num_steps == 0
+    assert tiny_model.config._attn_implementation == "sdpa"
+
+
+def test_model_calls_inside_a_processor_are_not_the_step(tiny_model):
+    """Classifier-free guidance calls the model from a logits processor: the step keeps its own data."""
+    inputs = make_inputs(batch=1, seq=5)
+    kw = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, guidance_scale=1.5)
+    ref = _generate(tiny_model, inputs, **kw)
+    out, trace = _traced(tiny_model, inputs, record=RecordConfig(modules=True, logit_lens=True, attention=True), **kw)
+    assert torch.equal(ref, out)
+    assert "UnbatchedClassifierFreeGuidanceLogitsProcessor" in [p.name for p in trace.steps[0].processors]
+    assert trace.cache.seq_len[:, 0].tolist() == [5, 6, 7, 8, 9]
+    assert [trace.attention(s, 0).shape[-1] for s in range(5)] == [5, 6, 7, 8, 9]
+    for step in trace.steps:
+        # the logit lens of the last layer is the step's own (conditional) logits
+        assert step.logit_lens.chosen_rank[-1, 0] == step.stages[0].chosen_rank[0]
+
+
+def test_trace_generate_leaves_the_tokenizer_alone(llama3_tokenizer, tiny_model):
+    tok = llama3_tokenizer
+    pad, side = tok.pad_token, tok.padding_side
+    from tracer.hooks import encode_prompts
+
+    _, enc = encode_prompts(tok, ["a", "a longer prompt"], chat=False)
+    assert enc["attention_mask"][0, 0] == 0  # left padded
+    assert (tok.pad_token, tok.padding_side) == (pad, side)

@@ -658,3 +658,25 @@ def test_saved_files_share_one_mode(tmp_path):
     folder = save_trace(make_trace(), tmp_path / "perm.trace")
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
     assert len(set(modes.values())) == 1, modes
+
+
+def test_save_never_replaces_a_foreign_folder(tmp_path):
+    foreign = tmp_path / "webapp"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "my app"}')
+    (foreign / "index.html").write_text("<html></html>")
+    with pytest.raises(FileExistsError):
+        save_trace(make_trace(), foreign)
+    assert (foreign / "index.html").exists()
+    ours = save_trace(make_trace(), tmp_path / "ours.trace")
+    save_trace(make_trace(steps=2), ours)  # our own trace folder is replaced
+    assert load_trace(ours).num_steps == 2
+
+
+def test_symlinked_files_are_refused(tmp_path):
+    folder = save_trace(make_trace(), tmp_path / "t.trace")
+    outside = tmp_path / "outside.safetensors"
+    os.replace(folder / "blobs.safetensors", outside)
+    os.symlink(outside, folder / "blobs.safetensors")
+    with pytest.raises(TraceFormatError, match="links are refused"):
+        load_trace(folder)

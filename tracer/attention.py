@@ -50,8 +50,11 @@ def _make_recording_function(original: str) -> Callable:
             inner = inner_by_class[type(module)] = _inner_function(original, module)
         output = inner(module, query, key, value, attention_mask, *args, **kwargs)
         recorder = _ACTIVE.get(module)
-        if recorder is not None:
-            recorder.observe(module, query, key, attention_mask, output, kwargs)
+        if recorder is not None and recorder.error is None:
+            try:
+                recorder.observe(module, query, key, attention_mask, output, kwargs)
+            except Exception as exc:  # noqa: BLE001 - reported by the step recorder, never raised here
+                recorder.error = exc
         return output
 
     recording_attention.__name__ = f"{PREFIX}{original}"
@@ -74,6 +77,8 @@ def install(model: torch.nn.Module, recorder: "AttentionRecorder") -> str:
     for module in recorder.modules.values():
         _ACTIVE[module] = recorder
     model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:  # transformers only warns when it cannot switch
+        raise NotSupportedError(f"{type(model).__name__} cannot switch its attention implementation to {name!r}")
     return original
 
 
@@ -112,8 +117,21 @@ class AttentionRecorder:
         self._head_index: dict[torch.device, torch.Tensor] = {}
         self._layer_of = {id(m): i for i, m in modules.items()}
         self._pending: list[tuple] = []  # decode-step rows computed for all layers at once
+        self.error: Exception | None = None  # a failure inside observe, reported by the recorder
+        self._mask_key: tuple | None = None
+        self._mask_value: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def reset(self) -> None:
+        """Forget the generation: no step, no pending references to model tensors."""
+        self.step = -1
+        self.enabled = False
+        self.maps, self.stats, self._pending = {}, {}, []
+        self._mask_key, self._mask_value = None, (None, None)
 
     def begin_step(self, step: int, cache_len_before: int) -> None:
+        self.enabled = True
+        if step == 0:
+            self.error = None
         self.step = step
         self.cache_len_before = cache_len_before
         self.maps = {}
@@ -212,8 +230,10 @@ class AttentionRecorder:
         if self.store_maps:
             maps = probs.to(self.dtype)  # our own tensor: no extra copy on the host
             maps = maps if maps.device.type == "cpu" else to_host(maps)
+            trimmed = maps.shape[-1] < probs.shape[-1] or not maps.is_contiguous()
             for i, layer in enumerate(layers):
-                self.maps[layer] = maps[i]
+                # a trimmed (static cache) view would keep the full-width storage alive
+                self.maps[layer] = maps[i].clone() if trimmed else maps[i]
 
     def _mask(self, attention_mask, b: int, q_len: int, k_len: int, device):
         """(allowed `(B, 1|H, Q, T)` bool or None when every key is allowed, first attended key

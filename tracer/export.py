@@ -363,7 +363,8 @@ def trace_to_perfetto(trace: Trace, path: str | os.PathLike[str] | None = None) 
     ]
     ts = 0.0
     for i, step in enumerate(trace.steps):
-        dur = step.time_s * 1e6 if math.isfinite(step.time_s) and step.time_s > 0 else 0.0
+        # a step longer than a day is not a timing (a hostile or corrupt file): show it as 0
+        dur = step.time_s * 1e6 if math.isfinite(step.time_s) and 0 < step.time_s < 86_400 else 0.0
         chosen = [int(c) for c in step.chosen]
         args: dict[str, Any] = {
             "step": int(step.index),

@@ -22,6 +22,7 @@ recorded up to an exception or ``KeyboardInterrupt`` stay in ``session.trace``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -141,7 +142,8 @@ class TraceSession:
             self._uninstall()
         return False
 
-    def estimate_bytes(self, *, batch: int, prompt_len: int, max_new_tokens: int, n_stages: int) -> dict[str, int]:
+    def estimate_bytes(self, *, batch: int, prompt_len: int, max_new_tokens: int, n_stages: int,
+                       use_cache: bool = True) -> dict[str, int]:
         """Upper bound of what recording ``max_new_tokens`` steps will keep, by kind."""
         cfg = self.config
         steps = range(max_new_tokens)
@@ -149,7 +151,10 @@ class TraceSession:
         if cfg.attention and cfg.attention_maps:
             item = 2 if cfg.attention_dtype == "float16" else 4
             picked = [s for s in steps if cfg.attention_steps is None or s in cfg.attention_steps]
-            cells = sum(prompt_len * prompt_len if s == 0 else prompt_len + s for s in picked)
+            if use_cache:  # the prompt matrix, then one new row per step
+                cells = sum(prompt_len * prompt_len if s == 0 else prompt_len + s for s in picked)
+            else:  # every step re-feeds the whole sequence
+                cells = sum((prompt_len + s) ** 2 for s in picked)
             out["attention"] = cells * batch * len(self.attention_heads) * len(self.attention_layers) * item
         if cfg.full_logits:
             out["full_logits"] = max_new_tokens * batch * int(self.model.config.vocab_size) * 4
@@ -194,17 +199,27 @@ class TraceSession:
                 dtype=getattr(torch, self.config.attention_dtype),
                 steps=set(self.config.attention_steps) if self.config.attention_steps is not None else None,
             )
+            self._patched["__attn__"] = self.original_attn  # before install: undone even if it fails
             _attention.install(model, self.attention)
-            self._patched["__attn__"] = self.original_attn
 
     def _uninstall(self) -> None:
+        """Remove every hook and restore every attribute; each part is attempted even if an
+        earlier one fails, and the first failure is raised at the end."""
         model = self.model
+        errors: list[BaseException] = []
+
+        def attempt(fn: Any, *args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
         for handle in self._handles:
-            handle.remove()
+            attempt(handle.remove)
         self._handles.clear()
-        if "__attn__" in self._patched and self.attention is not None:
-            self._patched.pop("__attn__")
-            _attention.uninstall(model, self.attention, self.original_attn)
+        if self._patched.pop("__attn__", None) is not None and self.attention is not None:
+            self.attention.reset()
+            attempt(_attention.uninstall, model, self.attention, self.original_attn)
         for name, previous in self._patched.items():
             if previous is _MISSING:
                 model.__dict__.pop(name, None)
@@ -213,6 +228,8 @@ class TraceSession:
         self._patched.clear()
         if model.__dict__.get("_tracer_session") is self:
             del model.__dict__["_tracer_session"]
+        if errors:
+            raise errors[0]
 
     def _patch(self, name: str, value: Any) -> None:
         self._patched[name] = self.model.__dict__.get(name, _MISSING)
@@ -249,7 +266,7 @@ class TraceSession:
                 return processors
             generation_config = kwargs.get("generation_config", args[0] if args else None)
             input_len = kwargs.get("input_ids_seq_length", args[1] if len(args) > 1 else 0) or 0
-            gen.on_config(generation_config, processors, int(input_len))
+            gen.on_config(generation_config, processors, int(input_len), kwargs.get("model_kwargs"))
             wrapped = _make_processor_list(type(processors))(processors)
             wrapped._tracer_generation = gen
             return wrapped
@@ -271,8 +288,17 @@ class TraceSession:
         gen, self._gen = self._gen, None
         if gen is None:
             return
-        if isinstance(error, (NotSupportedError, MemoryBudgetError)) and not gen.pending:
-            return  # refused before generating: nothing to keep
+        refused = isinstance(error, (NotSupportedError, MemoryBudgetError)) or gen.generation_config is None
+        if error is not None and refused and not gen.pending:
+            return  # refused before generating (by tracer or by generate's own checks): nothing to keep
+        if error is not None:
+            try:
+                self.traces.append(gen.finish(output, error))
+            except Exception as exc:  # noqa: BLE001 - never hide the user's error behind ours
+                warnings.warn(f"could not build the trace of the failed generation: {exc!r}", TracerWarning,
+                              stacklevel=3)
+            self.pending_prompts = None
+            return
         self.traces.append(gen.finish(output, error))
         self.pending_prompts = None
 
@@ -281,21 +307,33 @@ class TraceSession:
         return _Suspend(self)
 
     def _live_step(self) -> _Step | None:
+        """The step whose own forward is running (None during nested model calls)."""
         gen = self._gen
-        return None if gen is None or self._suspend else gen.cur
+        if gen is None or self._suspend or not gen.own_forward or gen.nested:
+            return None
+        return gen.cur
 
     def _on_forward_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         gen = self._gen
-        if gen is None or self._suspend or gen.generation_config is None:
+        if gen is None or self._suspend or gen.generation_config is None or gen.broken is not None:
             return
         if gen.cur is None:
-            gen.start_step(args, kwargs)
+            gen.guard(gen.start_step, args, kwargs)
+        else:  # a model call made while the step is open (e.g. by a guidance processor)
+            gen.nested += 1
 
     def _on_forward(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         gen = self._gen
-        if gen is None or self._suspend:
+        if gen is None or self._suspend or gen.broken is not None:
             return
-        gen.after_forward(output, kwargs)
+        if gen.nested:
+            gen.nested -= 1
+            return
+        if gen.own_forward:
+            gen.own_forward = False
+            if self.attention is not None:
+                self.attention.enabled = False  # later forwards in this step are not the step's
+            gen.guard(gen.after_forward, output, kwargs)
 
     def _layer_hook(self, index: int) -> Any:
         def hook(module: Any, args: tuple, output: Any) -> None:
@@ -400,14 +438,16 @@ def encode_prompts(
         if system is not None and messages[0].get("role") != "system":
             messages = [{"role": "system", "content": system}, *messages]
         texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    side = tokenizer.padding_side
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    finally:
+    finally:  # leave the user's tokenizer as it was
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
     return texts, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import inspect
 import time
 import warnings
 from typing import TYPE_CHECKING, Any, Sequence
@@ -69,27 +68,21 @@ def _processor_params(processor: Any) -> dict[str, Any]:
 
 def _make_processor_list(base: type) -> type:
     class RecordingLogitsProcessorList(base):  # type: ignore[misc, valid-type]
-        """``LogitsProcessorList`` that records the scores after every processor."""
+        """``LogitsProcessorList`` that records the scores after every processor.
+
+        Each processor is applied through the installed ``LogitsProcessorList.__call__`` on a
+        one-element list, so argument handling is transformers' own whatever its version."""
 
         _tracer_generation: "Generation | None" = None
 
         def __call__(self, input_ids, scores, **kwargs):
             gen = self._tracer_generation
             if gen is not None:
-                gen.stage(None, scores)
+                gen.guard(gen.stage, None, scores)
             for processor in self:
-                function_args = inspect.signature(processor.__call__).parameters
-                if len(function_args) > 2:
-                    if not all(arg in kwargs for arg in list(function_args.keys())[2:]):
-                        raise ValueError(
-                            f"Make sure that all the required parameters: {list(function_args.keys())} for "
-                            f"{processor.__class__} are passed to the logits processor."
-                        )
-                    scores = processor(input_ids, scores, **kwargs)
-                else:
-                    scores = processor(input_ids, scores)
+                scores = base.__call__(base([processor]), input_ids, scores, **kwargs)
                 if gen is not None:
-                    gen.stage(processor, scores)
+                    gen.guard(gen.stage, processor, scores)
             return scores
 
     return RecordingLogitsProcessorList
@@ -97,7 +90,8 @@ def _make_processor_list(base: type) -> type:
 
 def _make_criteria_list(base: type) -> type:
     class RecordingStoppingCriteriaList(base):  # type: ignore[misc, valid-type]
-        """``StoppingCriteriaList`` that records which criterion stopped which sequence."""
+        """``StoppingCriteriaList`` that records which criterion stopped which sequence
+        (each criterion through the installed ``StoppingCriteriaList.__call__``)."""
 
         _tracer_generation: "Generation | None" = None
 
@@ -105,11 +99,12 @@ def _make_criteria_list(base: type) -> type:
             is_done = torch.full((input_ids.shape[0],), False, device=input_ids.device, dtype=torch.bool)
             fired = []
             for criteria in self:
-                result = criteria(input_ids, scores, **kwargs)
+                result = base.__call__(base([criteria]), input_ids, scores, **kwargs)
                 fired.append((criteria, result))
                 is_done = is_done | result
-            if self._tracer_generation is not None:
-                self._tracer_generation.end_step(input_ids, is_done, fired)
+            gen = self._tracer_generation
+            if gen is not None:
+                gen.guard(gen.end_step, input_ids, is_done, fired)
             return is_done
 
     return RecordingStoppingCriteriaList
@@ -135,7 +130,7 @@ class _Step:
 
     __slots__ = (
         "index", "t0", "inputs", "cache_len_before", "stages", "logps", "layer_last", "embed_last",
-        "norm_last", "readings", "full_logits", "last_scores",
+        "norm_last", "readings", "full_logits", "last_scores", "last_version",
     )
 
     def __init__(self, index: int, t0: float):
@@ -151,6 +146,7 @@ class _Step:
         self.readings = None
         self.full_logits: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
+        self.last_version = -1
 
 
 class Generation:
@@ -181,9 +177,35 @@ class Generation:
         self.last_cache: Any = None
         self.reused_len = 0
         self.sampled = False
+        self.broken: str | None = None  # why recording stopped early, if it did
+        self.own_forward = False  # inside this step's own model forward (not a nested call)
+        self.nested = 0  # model calls made while a step is open (e.g. by a guidance processor)
+
+    # -- containment -----------------------------------------------------------------
+    def guard(self, fn: Any, *args: Any) -> Any:
+        """Run a recording callback; an error in it stops recording, never the generation."""
+        if self.broken is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - tracing must not change (or break) the run
+            self.fail(exc)
+            return None
+
+    def fail(self, exc: BaseException) -> None:
+        if self.broken is not None:
+            return
+        step = self.cur.index if self.cur is not None else len(self.pending)
+        self.broken = f"recording stopped at step {step}: {type(exc).__name__}: {exc}"
+        self.notes.append(self.broken)
+        self.cur = None
+        if self.session.attention is not None:
+            self.session.attention.reset()
+        warnings.warn(self.broken + " (generation itself went on unchanged)", TracerWarning, stacklevel=3)
 
     # -- configuration ---------------------------------------------------------------
-    def on_config(self, generation_config: Any, processors: Sequence[Any], input_len: int) -> None:
+    def on_config(self, generation_config: Any, processors: Sequence[Any], input_len: int,
+                  model_kwargs: dict | None = None) -> None:
         from transformers.generation.configuration_utils import GenerationMode
 
         self.generation_config = generation_config
@@ -194,6 +216,18 @@ class Generation:
             )
         if getattr(generation_config, "prefill_chunk_size", None):
             raise NotSupportedError("tracer does not support chunked prefill (prefill_chunk_size) yet")
+        auto_compile = getattr(self.session.model, "_valid_auto_compile_criteria", None)
+        if auto_compile is not None and model_kwargs is not None:
+            try:
+                compiled = bool(auto_compile(model_kwargs, generation_config))
+            except Exception:  # noqa: BLE001 - the check itself is transformers-internal
+                compiled = False
+            if compiled:
+                raise NotSupportedError(
+                    "generate would torch.compile the decoding step here (a static cache on CUDA); "
+                    "hooks cannot record inside a compiled graph. Pass disable_compile=True to "
+                    "generate (to the traced and the plain run alike)."
+                )
         self.sampled = bool(generation_config.do_sample)
         # read once: processors are the same objects every step (and reading a CUDA tensor
         # parameter would synchronise the device)
@@ -202,7 +236,8 @@ class Generation:
         batch *= max(int(getattr(generation_config, "num_return_sequences", 1) or 1), 1)
         max_new = max(int(generation_config.max_length) - input_len, 1)
         estimate = self.session.estimate_bytes(batch=batch, prompt_len=input_len, max_new_tokens=max_new,
-                                               n_stages=len(processors) + 1)
+                                               n_stages=len(processors) + 1,
+                                               use_cache=bool(getattr(generation_config, "use_cache", True)))
         total = sum(estimate.values())
         if total > self.config.max_bytes:
             parts = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in estimate.items() if v)
@@ -241,6 +276,7 @@ class Generation:
             "mask_shape": tuple(mask.shape) if isinstance(mask, torch.Tensor) else None,
         }
         self.cur = step
+        self.own_forward = True
         if session.attention is not None:
             session.attention.begin_step(step.index, step.cache_len_before)
 
@@ -260,7 +296,8 @@ class Generation:
             for i in kv_layers:
                 if i < len(layers) and getattr(layers[i], "keys", None) is not None:
                     reading = cache_inspector.read_layer(layers[i])
-                    kept = reading.kept if isinstance(reading.kept, int) else int(reading.kept)
+                    kept = reading.kept if isinstance(reading.kept, int) else min(self.next_cache_len or 0,
+                                                                                  reading.allocated)
                     self.put_blob(blob_key("keys", step.index, i), layers[i].keys[..., :kept, :])
                     self.put_blob(blob_key("values", step.index, i), layers[i].values[..., :kept, :])
 
@@ -270,8 +307,10 @@ class Generation:
             return
         with torch.no_grad():
             prev = step.stages[-1] if step.stages else None
-            if prev is not None and (scores is step.last_scores or (
-                    scores.device.type == "cpu" and torch.equal(scores, step.last_scores))):
+            same_object = scores is step.last_scores and scores._version == step.last_version
+            if prev is not None and (same_object or (
+                    scores is not step.last_scores and scores.device.type == "cpu"
+                    and torch.equal(scores, step.last_scores))):
                 # a processor that changed nothing (e.g. min-length once reached): same stats
                 _, _, ids, values, lse, masked, _, entropy = prev
                 kl, logp = torch.zeros_like(lse), step.logps[-1]
@@ -291,7 +330,7 @@ class Generation:
                     kl = torch.zeros_like(lse)
                     if self.config.full_logits:
                         step.full_logits = to_host(scores.detach().float())
-            step.last_scores = scores
+            step.last_scores, step.last_version = scores, scores._version
         name = "logits" if processor is None else type(processor).__name__
         params = {} if processor is None else self.processor_params.get(id(processor), {})
         step.stages.append((name, params, ids, values, lse, masked, kl, entropy))
@@ -325,6 +364,8 @@ class Generation:
                 self.put_blob(blob_key("logits", step.index), step.full_logits, host=True)
             attn_stats = None
             if session.attention is not None:
+                if session.attention.error is not None:
+                    raise session.attention.error
                 stats, maps = session.attention.collect()
                 if stats:
                     layers = sorted(stats)
@@ -395,6 +436,8 @@ class Generation:
     # -- the end ---------------------------------------------------------------------
     def finish(self, output: Any, error: BaseException | None) -> Trace:
         session = self.session
+        if session.attention is not None:
+            session.attention.reset()  # drop references to this generation's tensors
         if error is None:
             status = "complete"
         elif isinstance(error, KeyboardInterrupt):
@@ -554,8 +597,8 @@ class Generation:
             versions={"tracer": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__)},
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             wall_time_s=time.perf_counter() - self.t_start,
-            status=status,
-            error=None if error is None else f"{type(error).__name__}: {error}",
+            status=status if self.broken is None or status != "complete" else "error",
+            error=(None if error is None else f"{type(error).__name__}: {error}") or self.broken,
             notes=list(self.notes),
         )
 

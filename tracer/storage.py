@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -280,7 +281,20 @@ def _umask() -> int:
 
 
 def _replaceable(target: Path) -> bool:
-    return target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))
+    """An empty folder, or one of our traces (our file names only, manifest of our format):
+    never an unrelated folder that happens to hold a ``manifest.json``."""
+    if target.is_symlink() or not target.is_dir():
+        return False
+    names = {p.name for p in target.iterdir()}
+    if not names:
+        return True
+    if not names <= {MANIFEST, TABLES, BLOBS} or MANIFEST not in names:
+        return False
+    try:
+        manifest = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 
 # ======================================================================================
@@ -410,6 +424,7 @@ class _Tables:
 def _trace_folder(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if p.name == MANIFEST and p.is_file():
+        _plain_file(p)
         return p.parent
     if not p.exists():
         raise TraceFormatError(f"{p}: no such trace (expected a folder holding {MANIFEST})")
@@ -417,7 +432,14 @@ def _trace_folder(path: str | os.PathLike[str]) -> Path:
         raise TraceFormatError(f"{p}: not a trace folder (a trace is a folder holding {MANIFEST})")
     if not (p / MANIFEST).is_file():
         raise TraceFormatError(f"{p}: not a trace folder: {MANIFEST} is missing")
+    _plain_file(p / MANIFEST)
     return p
+
+
+def _plain_file(file: Path) -> None:
+    """A trace's files must be regular files inside its folder: no links to elsewhere."""
+    if file.is_symlink() or not stat.S_ISREG(file.lstat().st_mode):
+        raise TraceFormatError(f"{file}: not a regular file inside the trace (links are refused)")
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -473,6 +495,7 @@ def _check_files(folder: Path, m: dict[str, Any], doc: _Doc) -> dict[str, dict[s
         file = folder / name
         if not file.is_file():
             raise TraceFormatError(f"{file}: listed in the manifest but missing")
+        _plain_file(file)
         actual = file.stat().st_size
         if actual != size:
             raise TraceFormatError(f"{file}: size is {actual} bytes, the manifest says {size} (truncated or altered)")

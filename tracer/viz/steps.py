@@ -270,13 +270,15 @@ def _make_waterfall_widget(trace: Trace, step: int, seq: int) -> Any:
         from plotly.subplots import make_subplots
 
         names = [st.name for st in rec.stages]
-        fig = make_subplots(rows=1, cols=len(names), subplot_titles=[_stage_title(n) for n in names],
+        # plotly renders a subset of HTML in labels and titles: escape every token text
+        fig = make_subplots(rows=1, cols=len(names), subplot_titles=[_esc(_stage_title(n)) for n in names],
                             horizontal_spacing=0.1)
         for i in range(len(names)):
             x, y, colors = [], [], []
             if i < len(data):
-                _, y, probs, is_chosen, _ = data[i]
+                _, labels, probs, is_chosen, _ = data[i]
                 x, colors = probs.tolist(), [_CHOSEN if c else _OTHER for c in is_chosen]
+                y = [_esc(label) for label in labels]
             fig.add_bar(x=x, y=y, orientation="h", marker_color=colors, row=1, col=i + 1, showlegend=False,
                         hovertemplate="%{y}: %{x:.4f}<extra></extra>")
             fig.update_yaxes(autorange="reversed", row=1, col=i + 1, tickfont=dict(size=10))
