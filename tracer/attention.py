@@ -98,14 +98,12 @@ class AttentionRecorder:
         *,
         heads: list[int],
         num_heads: int,
-        num_kv_heads: int,
         store_maps: bool,
         dtype: torch.dtype,
         steps: set[int] | None,
     ):
         self.modules = modules  # layer index -> attention module
         self.heads = heads
-        self.groups = max(num_heads // max(num_kv_heads, 1), 1)
         self.store_maps = store_maps
         self.dtype = dtype
         self.steps = steps
@@ -159,9 +157,15 @@ class AttentionRecorder:
                 scaling = getattr(module, "scaling", 1.0 / math.sqrt(query.shape[-1]))
             self._pending.append((layer, query, key, attention_mask, float(scaling), kwargs.get("softcap")))
             return
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", 1.0 / math.sqrt(query.shape[-1]))
+        if weights is not None and not (weights.dim() == 4 and weights.shape[-1] == key.shape[-2]):
+            weights = None
         with torch.no_grad():
-            probs, first = self._probabilities(module, query, key, attention_mask, output, kwargs)
-            self._keep([layer], probs.unsqueeze(0), first)
+            probs, first = self._softmax(query.unsqueeze(0), key.unsqueeze(0), attention_mask, float(scaling),
+                                         kwargs.get("softcap"), None if weights is None else weights.unsqueeze(0))
+            self._keep([layer], probs, first)
 
     def collect(self) -> tuple[dict[int, tuple], dict[int, torch.Tensor]]:
         """(stats, maps) of the step, per layer; computes the deferred decode rows first."""
@@ -188,33 +192,44 @@ class AttentionRecorder:
                               torch.stack([it[2] for it in part]), *part[0][3:])
 
     def _batched(self, layers, query, key, mask, scaling, softcap) -> None:
-        """`query (L, B, H, 1, D)`, `key (L, B, KV, T, D)` of several layers at one decode step."""
+        """`query (L, B, H, Q, D)`, `key (L, B, KV, T, D)` of several layers at one step."""
+        probs, first = self._softmax(query, key, mask, scaling, softcap, weights=None)
+        self._keep(layers, probs, first)
+
+    def _softmax(self, query, key, mask, scaling, softcap, weights):
+        """`(L, B, H_rec, Q, T_valid)` probabilities (eager's own ``weights`` when given) and the
+        first attended key of the last query row."""
         n, b, n_heads, q_len, dim = query.shape
         k_len = key.shape[-2]
-        valid = min(k_len, self.cache_len_before + q_len)
+        valid = min(k_len, self.cache_len_before + q_len)  # static caches are preallocated
         allowed, first = self._mask(mask, b, q_len, k_len, query.device)
-        if len(self.heads) == n_heads:  # GQA without repeat_kv
-            n_kv = key.shape[2]
-            q = query.float().reshape(n, b, n_kv, (n_heads // n_kv) * q_len, dim)
-            scores = torch.matmul(q, key.float().transpose(-1, -2)).view(n, b, n_heads, q_len, k_len)
+        all_heads = len(self.heads) == n_heads
+        if weights is not None:  # eager computed them already
+            probs = (weights if all_heads else weights.index_select(2, self._heads(query.device))).float()
         else:
-            heads = self._heads(query.device)
-            q = query.index_select(2, heads).float()
-            k = key.index_select(2, torch.div(heads, self.groups, rounding_mode="floor")).float()
-            scores = torch.matmul(q, k.transpose(-1, -2))
-        scores.mul_(scaling)
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        if mask is not None and mask.dim() == 4 and mask.dtype != torch.bool:
-            scores += mask[..., -q_len:, :k_len].float()
-        if allowed is not None:
-            scores.masked_fill_(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if allowed is not None:
+            n_kv = key.shape[2]
+            if all_heads:  # GQA without repeat_kv: each KV head against its group of query heads
+                q = query.float().reshape(n, b, n_kv, (n_heads // n_kv) * q_len, dim)
+                scores = torch.matmul(q, key.float().transpose(-1, -2)).view(n, b, n_heads, q_len, k_len)
+            else:
+                heads = self._heads(query.device)
+                q = query.index_select(2, heads).float()
+                group = max(n_heads // n_kv, 1)  # from the tensors: keys may arrive already repeated
+                k = key.index_select(2, torch.div(heads, group, rounding_mode="floor")).float()
+                scores = torch.matmul(q, k.transpose(-1, -2))
+            scores.mul_(scaling)
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            if mask is not None and mask.dim() == 4 and mask.dtype != torch.bool:
+                scores += mask[..., -q_len:, :k_len].float()
+            if allowed is not None:
+                scores.masked_fill_(~allowed, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+        if allowed is not None:  # exact zeros where masked; fully masked (padding) rows become 0
             probs = probs.masked_fill(~allowed, 0.0)
         if valid < k_len:
             probs = probs[..., :valid]
-        self._keep(layers, probs, first)
+        return probs, first
 
     def _keep(self, layers: list[int], probs: torch.Tensor, first: torch.Tensor | None) -> None:
         """Statistics of the last query row and (optionally) the maps; `probs (L, B, H, Q, T)`."""
@@ -247,43 +262,6 @@ class AttentionRecorder:
                 value = (allowed, allowed[:, :, -1, :].int().argmax(dim=-1))
             self._mask_key, self._mask_value = key, value
         return self._mask_value
-
-    def _probabilities(self, module, query, key, attention_mask, output, kwargs):
-        b, n_heads, q_len, dim = query.shape
-        k_len = key.shape[-2]
-        valid = min(k_len, self.cache_len_before + q_len)  # static caches are preallocated
-        allowed, first = self._mask(attention_mask, b, q_len, k_len, query.device)
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        all_heads = len(self.heads) == n_heads
-        if weights is not None and weights.dim() == 4 and weights.shape[-1] == k_len:  # eager
-            probs = (weights if all_heads else weights.index_select(1, self._heads(query.device))).float()
-        else:
-            scaling = kwargs.get("scaling")
-            if scaling is None:
-                scaling = getattr(module, "scaling", 1.0 / math.sqrt(dim))
-            if all_heads:  # GQA without repeat_kv: each KV head against its group of query heads
-                n_kv = key.shape[1]
-                q = query.float().reshape(b, n_kv, (n_heads // n_kv) * q_len, dim)
-                scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, n_heads, q_len, k_len)
-            else:
-                heads = self._heads(query.device)
-                q = query.index_select(1, heads).float()
-                k = key.index_select(1, torch.div(heads, self.groups, rounding_mode="floor")).float()
-                scores = torch.matmul(q, k.transpose(-1, -2))
-            scores.mul_(scaling)
-            softcap = kwargs.get("softcap")
-            if softcap:
-                scores = torch.tanh(scores / softcap) * softcap
-            if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype != torch.bool:
-                scores += attention_mask[..., -q_len:, :k_len].float()
-            if allowed is not None:
-                scores.masked_fill_(~allowed, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
-        if allowed is not None:  # exact zeros where masked; fully masked (padding) rows become 0
-            probs = probs.masked_fill(~allowed, 0.0)
-        if valid < k_len:
-            probs = probs[..., :valid]
-        return probs, first
 
     def _heads(self, device: torch.device) -> torch.Tensor:
         idx = self._head_index.get(device)

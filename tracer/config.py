@@ -67,10 +67,6 @@ class RecordConfig:
                 object.__setattr__(self, name, tuple(int(v) for v in value))
 
     @classmethod
-    def light(cls, **changes: Any) -> "RecordConfig":
-        return cls(**changes)
-
-    @classmethod
     def everything(cls, **changes: Any) -> "RecordConfig":
         """Module summaries, logit lens and every layer's attention."""
         base = dict(modules=True, logit_lens=True, attention=True)

@@ -74,16 +74,6 @@ def _head_counts(config: Any) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------
-# Recording lists (same processors / criteria, same order, same arithmetic)
-# ----------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------
-# One generate call
-# ----------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------
 # The session (context manager)
 # ----------------------------------------------------------------------------------------
 
@@ -194,7 +184,6 @@ class TraceSession:
                 modules,
                 heads=self.attention_heads,
                 num_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads,
                 store_maps=self.config.attention_maps,
                 dtype=getattr(torch, self.config.attention_dtype),
                 steps=set(self.config.attention_steps) if self.config.attention_steps is not None else None,

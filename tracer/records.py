@@ -454,7 +454,11 @@ class Trace:
 
         Step 0 holds the full prompt matrix (``Q = P``); later steps hold the new query row
         (``Q = 1``).  Heads are ``self.attention_heads``.  Rows of padding queries are zero."""
-        return self.blobs.get(blob_key("attention", step, layer))
+        maps = self.blobs.get(blob_key("attention", step, layer))
+        if getattr(maps, "ndim", 0) != 4 or maps.shape[0] != self.batch_size or maps.shape[1] != len(self.attention_heads):
+            raise TraceFormatError(f"attention/{step}/{layer} has shape {getattr(maps, 'shape', '?')}, expected "
+                                   f"(batch {self.batch_size}, heads {len(self.attention_heads)}, q, k)")
+        return maps
 
     def head_map(self, layer: int, head: int, seq: int = 0, *, upto_step: int | None = None) -> np.ndarray:
         """`(T, T)` one head's whole lower-triangular map, assembled from the prefill matrix

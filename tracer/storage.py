@@ -774,11 +774,3 @@ def _decode_meta(d: dict[str, Any], doc: _Doc) -> TraceMeta:
 # ======================================================================================
 # inspect (CLI)
 
-
-def __getattr__(name: str) -> Any:
-    # inspect / HTML / Perfetto moved to tracer.export; keep the old names importable here.
-    if name in ("inspect_trace", "trace_to_html", "trace_summary_html", "trace_to_perfetto"):
-        from . import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'tracer.storage' has no attribute {name!r}")
