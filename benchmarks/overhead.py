@@ -54,6 +54,7 @@ os.environ.setdefault("TRACER_CACHE_DIR", str(REPO_ROOT / ".cache" / "tracer"))
 
 import tracer  # noqa: E402
 from tracer import MemoryBudgetError, RecordConfig  # noqa: E402
+from tracer._device import sync  # noqa: E402
 
 PROMPT = "Explain in a few sentences how a key-value cache makes text generation faster."
 NEW_TOKENS = 128
@@ -269,11 +270,6 @@ DESCRIPTIONS = {
 # ----------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -371,11 +367,11 @@ def _timed(run: Runner, s: Subject, n: int, *, track_rss: bool = False) -> _Time
     rss = PeakRSS() if track_rss else None
     if rss is not None:
         rss.__enter__()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     try:
         ids, trace = run(s, n)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t0
     finally:
         if rss is not None:
