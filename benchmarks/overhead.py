@@ -706,7 +706,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             gpu = any(r["gpu_peak_light_bytes"] is not None for r in gr["rows"])
             out += [
                 "",
-                f"### Growth of light tracing (plain/light interleaved, runs per length: "
+                "### Growth of light tracing (plain/light interleaved, runs per length: "
                 + ", ".join(f"{r['new_tokens']}: {r.get('runs', gr['repeats'])}" for r in gr["rows"]) + ")",
                 "",
                 "| new tokens | plain s | light s | × plain | peak RSS Δ plain | peak RSS Δ light | trace in memory | "

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import tracer
 from tracer.cli import DEFAULT_PROMPTS, Result, build_parser, format_summary, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
