@@ -296,3 +296,13 @@ def test_step_explorer_on_a_finished_sequence(trace):
     assert "eos:&lt;|eot|&gt;" in w.table_html.value and "stopped" in w.text_html.value
     w.slider.value = trace.num_steps - 1
     assert "already finished" in w.text_html.value and w.table_html.value == ""
+
+
+def test_waterfall_leaves_out_masked_candidates():
+    trace = make_trace(top_k=12)  # the TopK stage keeps 8 of 40: 4 of the 12 recorded are -inf
+    w = viz.step_explorer(trace)
+    if not hasattr(w.waterfall, "data"):
+        pytest.skip("plotly FigureWidget unavailable; PNG fallback in use")
+    raw, _, topk = w.waterfall.data
+    assert len(raw.x) == 12 and len(topk.x) == 8
+    assert all(x > 0 for x in topk.x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -162,12 +164,14 @@ def _waterfall_data(trace: Trace, step: int, seq: int) -> list[tuple[str, list[s
     chosen = int(rec.chosen[seq])
     out = []
     for st in rec.stages:
-        ids = [int(i) for i in st.top.ids[seq]]
+        # tokens a processor masked to -inf are not candidates any more: leave them out
+        keep = np.isfinite(st.top.values[seq])
+        ids = [int(i) for i in st.top.ids[seq][keep]]
         out.append(
             (
                 st.name,
                 [f"{_show(_tok(trace, i))} ({i})" for i in ids],
-                st.top.probs[seq],
+                st.top.probs[seq][keep],
                 [i == chosen for i in ids],
                 int(st.chosen_rank[seq]),
             )
@@ -271,14 +275,15 @@ def _make_waterfall_widget(trace: Trace, step: int, seq: int) -> Any:
 
         names = [st.name for st in rec.stages]
         # plotly renders a subset of HTML in labels and titles: escape every token text
-        fig = make_subplots(rows=1, cols=len(names), subplot_titles=[_esc(_stage_title(n)) for n in names],
+        fig = make_subplots(rows=1, cols=len(names), subplot_titles=[html.escape(_stage_title(n), quote=False) for n in names],
                             horizontal_spacing=0.1)
         for i in range(len(names)):
             x, y, colors = [], [], []
             if i < len(data):
                 _, labels, probs, is_chosen, _ = data[i]
                 x, colors = probs.tolist(), [_CHOSEN if c else _OTHER for c in is_chosen]
-                y = [_esc(label) for label in labels]
+                # plotly decodes &lt; &gt; &amp; but shows &quot; literally: escape tags only
+                y = [html.escape(label, quote=False) for label in labels]
             fig.add_bar(x=x, y=y, orientation="h", marker_color=colors, row=1, col=i + 1, showlegend=False,
                         hovertemplate="%{y}: %{x:.4f}<extra></extra>")
             fig.update_yaxes(autorange="reversed", row=1, col=i + 1, tickfont=dict(size=10))
