@@ -280,16 +280,12 @@ class TraceSession:
         refused = isinstance(error, (NotSupportedError, MemoryBudgetError)) or gen.generation_config is None
         if error is not None and refused and not gen.pending:
             return  # refused before generating (by tracer or by generate's own checks): nothing to keep
-        if error is not None:
-            try:
-                self.traces.append(gen.finish(output, error))
-            except Exception as exc:  # noqa: BLE001 - never hide the user's error behind ours
-                warnings.warn(f"could not build the trace of the failed generation: {exc!r}", TracerWarning,
-                              stacklevel=3)
+        try:
+            self.traces.append(gen.finish(output, error))
+        except Exception as exc:  # noqa: BLE001 - never hide generate's result or the user's error
+            warnings.warn(f"could not build the trace of this generation: {exc!r}", TracerWarning, stacklevel=3)
+        finally:
             self.pending_prompts = None
-            return
-        self.traces.append(gen.finish(output, error))
-        self.pending_prompts = None
 
     # -- hooks -------------------------------------------------------------------------
     def suspended(self) -> "_Suspend":
