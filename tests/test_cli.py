@@ -147,13 +147,16 @@ def test_run_interactive_eof(tmp_path):
 
 
 @pytest.mark.slow
-def test_sampling_is_seeded(tmp_path):
-    args = ["run", "--no-trace", "--do-sample", "--temperature", "1.3", "--top-k", "50", "--top-p", "0.95",
+def test_sampling_is_seeded_and_tracing_changes_nothing(tmp_path):
+    args = ["run", "--with-prompt", "--do-sample", "--temperature", "1.3", "--top-k", "50", "--top-p", "0.95",
             "--repetition-penalty", "1.1", "--seed", "7", "--max-new-tokens", "10"]
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert run_cli(*args, "--predictions-file", str(a)).returncode == 0
-    assert run_cli(*args, "--predictions-file", str(b)).returncode == 0
-    assert json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    assert run_cli(*args, "--no-trace", "--predictions-file", str(a)).returncode == 0
+    assert run_cli(*args, "--no-trace", "--predictions-file", str(b)).returncode == 0
+    assert run_cli(*args, "--predictions-file", str(c)).returncode == 0  # traced
+    plain = json.loads(a.read_text(encoding="utf-8"))
+    assert plain == json.loads(b.read_text(encoding="utf-8"))
+    assert plain == json.loads(c.read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------

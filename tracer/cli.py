@@ -190,26 +190,18 @@ def _trace_api():
     return trace_generate, RecordConfig
 
 
-def _encode(tokenizer, prompt: str, chat: bool):
-    if chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    return tokenizer(prompt, return_tensors="pt")
-
-
 def _run_plain(model, tokenizer, prompt: str, chat: bool, gen_kwargs: dict[str, Any]) -> Result:
+    """Plain ``generate`` with the very inputs and defaults ``trace_generate`` would use."""
     import torch
 
-    from tracer.models import terminators
+    from tracer.hooks import prepare_generate
 
-    stops = terminators(tokenizer)
-    inputs = _encode(tokenizer, prompt, chat).to(model.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
+    _, inputs, kwargs = prepare_generate(model, tokenizer, prompt, chat=chat, **gen_kwargs)
+    stops = kwargs.get("eos_token_id") or []
+    stops = [stops] if isinstance(stops, int) else list(stops)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, eos_token_id=stops or None, pad_token_id=pad, **gen_kwargs)
+        out = model.generate(**inputs, **kwargs)
     elapsed = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
     stop_reason = "max_length"

@@ -38,7 +38,15 @@ from .recorder import (
     _Step,
 )
 
-__all__ = ["TraceSession", "TracerWarning", "trace", "trace_generate", "encode_prompts", "default_terminators"]
+__all__ = [
+    "TraceSession",
+    "TracerWarning",
+    "trace",
+    "trace_generate",
+    "prepare_generate",
+    "encode_prompts",
+    "default_terminators",
+]
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,11 +383,32 @@ def trace_generate(
 ) -> Trace:
     """Tokenize ``prompt`` (text, chat messages, or a list of either), generate, return the Trace.
 
+    Inputs and defaults are :func:`prepare_generate`'s, so an untraced run made from the same
+    preparation generates exactly the same tokens."""
+    texts, encoded, kwargs = prepare_generate(model, tokenizer, prompt, chat=chat, system=system, **generate_kwargs)
+    with trace(model, tokenizer, record=record) as session:
+        session.pending_prompts = texts
+        model.generate(**encoded, **kwargs)
+    return session.trace
+
+
+def prepare_generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[Any],
+    *,
+    chat: bool | None = None,
+    system: str | None = None,
+    **generate_kwargs: Any,
+) -> tuple[list[str], dict[str, torch.Tensor], dict[str, Any]]:
+    """(prompt texts, left-padded inputs on the model's device, ``generate`` kwargs).
+
     ``chat`` applies the tokenizer's chat template (default: when the tokenizer has one).
-    Batches are left-padded.  ``generate_kwargs`` go to ``model.generate`` unchanged, except
-    that ``max_new_tokens`` defaults to 64 and ``pad_token_id`` to the tokenizer's."""
+    ``generate_kwargs`` pass through unchanged, except that ``max_new_tokens`` defaults to 64,
+    ``pad_token_id`` to the tokenizer's and ``eos_token_id`` to :func:`default_terminators`."""
     texts, encoded = encode_prompts(tokenizer, prompt, chat=chat, system=system)
-    encoded = {k: v.to(next(model.parameters()).device) for k, v in encoded.items()}
+    device = next(model.parameters()).device
+    encoded = {k: v.to(device) for k, v in encoded.items()}
     generate_kwargs.setdefault("max_new_tokens", 64)
     if tokenizer.pad_token_id is not None:
         generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -387,10 +416,7 @@ def trace_generate(
         stops = default_terminators(model, tokenizer)
         if stops:
             generate_kwargs["eos_token_id"] = stops
-    with trace(model, tokenizer, record=record) as session:
-        session.pending_prompts = texts
-        model.generate(**encoded, **generate_kwargs)
-    return session.trace
+    return texts, encoded, generate_kwargs
 
 
 def default_terminators(model: torch.nn.Module, tokenizer: Any) -> list[int]:
