@@ -306,3 +306,15 @@ def test_waterfall_leaves_out_masked_candidates():
     raw, _, topk = w.waterfall.data
     assert len(raw.x) == 12 and len(topk.x) == 8
     assert all(x > 0 for x in topk.x)
+
+
+def test_token_strip_uses_recorded_entropy():
+    from tracer.records import replace
+
+    trace = make_trace()
+    for i, step in enumerate(trace.steps):
+        last = replace(step.stages[-1], entropy=np.full(trace.batch_size, 1.25 + i, np.float32))
+        trace.steps[i] = replace(step, stages=(*step.stages[:-1], last))
+    out = viz.token_strip_html(trace, metric="entropy")
+    assert "lower bound" not in out
+    assert "entropy 1.250 nats" in out and "entropy 2.250 nats" in out

@@ -80,12 +80,16 @@ def _params(params: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in dict(params).items()) or "—"
 
 
-def _entropy_lower_bound(step: StepRecord, seq: int) -> float:
-    """Entropy (nats) of the final distribution restricted to the recorded top-k: a lower
-    bound on the full entropy, since every omitted term ``-p log p`` is non-negative."""
+def _final_entropy(step: StepRecord, seq: int) -> tuple[float, bool]:
+    """(entropy in nats of the final distribution, exact?).  The recorder keeps the exact
+    full-vocabulary value; a trace without it (older or synthetic) gets the entropy of the
+    recorded top-k, a lower bound since every omitted ``-p log p`` term is non-negative."""
+    recorded = step.stages[-1].entropy
+    if recorded is not None:
+        return float(recorded[seq]), True
     p = step.final.probs[seq].astype(np.float64)
     p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()), False
 
 
 _CLASSES: dict[str, type] = {}  # widget classes, built on first use (ipywidgets imported lazily)

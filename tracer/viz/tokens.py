@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from ._common import (
     _annotate,
-    _entropy_lower_bound,
+    _final_entropy,
     _esc,
     _new_figure,
     _png,
@@ -122,7 +122,9 @@ def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
     if metric not in ("prob", "entropy"):
         raise ValueError(f"metric must be 'prob' or 'entropy', not {metric!r}")
     steps = _seq_steps(trace, seq)
-    ents = {s: _entropy_lower_bound(trace.steps[s], seq) for s in steps}
+    found = {s: _final_entropy(trace.steps[s], seq) for s in steps}
+    ents = {s: value for s, (value, _) in found.items()}
+    exact = all(is_exact for _, is_exact in found.values())
     hmax = max(list(ents.values()) + [1e-9])
     parts = [f'<span style="color:#888" title="prompt">{_esc(trace.text_of(trace.prompt_tokens(seq)))}</span>']
     for s in steps:
@@ -133,7 +135,8 @@ def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
         shade = p if metric == "prob" else 1.0 - ents[s] / hmax
         title = (
             f"step {s} · id {tid} · p={p:.4f} · rank {rank} · "
-            f"entropy ≥ {ents[s]:.3f} nats (lower bound: from the recorded top-k only)"
+            + (f"entropy {ents[s]:.3f} nats" if exact
+               else f"entropy ≥ {ents[s]:.3f} nats (lower bound: from the recorded top-k only)")
         )
         if rec.finished[seq]:
             title += f" · stop: {rec.stop_reasons[seq]}"
@@ -144,7 +147,8 @@ def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
     legend = (
         "colour: probability of the chosen token (red 0 → green 1)"
         if metric == "prob"
-        else f"colour: entropy of the final distribution, lower bound from the top-k (green 0 → red {hmax:.2f} nats)"
+        else f"colour: entropy of the final distribution{'' if exact else ', lower bound from the top-k'} "
+        f"(green 0 → red {hmax:.2f} nats)"
     )
     return (
         '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">'
