@@ -396,3 +396,14 @@ def test_trace_generate_leaves_the_tokenizer_alone(llama3_tokenizer, tiny_model)
     _, enc = encode_prompts(tok, ["a", "a longer prompt"], chat=False)
     assert enc["attention_mask"][0, 0] == 0  # left padded
     assert (tok.pad_token, tok.padding_side) == (pad, side)
+
+
+def test_hidden_layers_alone_hook_only_those_layers():
+    model = make_tiny_llama()
+    before = [len(layer._forward_hooks) for layer in model.model.layers]
+    with tracer.trace(model, record=RecordConfig(hidden_layers=[1])) as t:
+        assert [len(layer._forward_hooks) for layer in model.model.layers] == [before[0], before[1] + 1]
+        _generate(model, make_inputs(seq=4), do_sample=False, max_new_tokens=3)
+    assert t.trace.hidden(2, 1).shape == (1, 64)
+    with pytest.raises(KeyError):
+        t.trace.hidden(2, 0)

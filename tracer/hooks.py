@@ -173,10 +173,10 @@ class TraceSession:
         self._patch("_get_stopping_criteria", self._wrap_stopping_criteria(model._get_stopping_criteria))
         self._handles.append(model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
-        need_layers = self.config.modules or self.hidden_layers or self.lens_layers
-        if need_layers:
-            for i, layer in enumerate(self.layers):
-                self._handles.append(layer.register_forward_hook(self._layer_hook(i)))
+        # residual norms and the logit lens read every layer; hidden vectors only the chosen ones
+        every = self.config.modules or bool(self.lens_layers)
+        for i in range(self.num_layers) if every else self.hidden_layers:
+            self._handles.append(self.layers[i].register_forward_hook(self._layer_hook(i)))
         if self.config.modules:
             self._handles.append(self.embedding.register_forward_hook(self._point_hook("embed_last")))
             if self.final_norm is not None:
