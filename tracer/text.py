@@ -1,0 +1,262 @@
+"""Token text for every view: one lookup, multibyte-safe, control characters made visible.
+
+Byte-level tokenizers (GPT-2 style BPE, as in SmolLM2 and Llama 3) split many characters —
+most Chinese characters, emoji, combining marks — over several tokens.  Decoding one token at a
+time gives "�" for each part.  Here a run of token ids is decoded as one byte stream and each
+character is shown **whole on the token that completes it**; a token that holds only part of a
+character shows its own bytes, escaped (``\\xe5\\x9b``).  So the characters read off the pieces,
+in order, are exactly the text the tokenizer decodes, and no valid character ever shows as "�".
+
+Bytes come from ``trace.token_bytes`` (id -> raw UTF-8 bytes, recorded from the tokenizer).
+Traces without it (older files) fall back to ``trace.token_text``; a part-character token there
+only has "�", which is shown as ``\\x??`` (bytes unknown).
+
+Standard library only (no numpy needed), so storage, export and the CLI can all use it.
+"""
+
+from __future__ import annotations
+
+import html
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+__all__ = [
+    "Piece",
+    "token_pieces",
+    "pieces",
+    "piece_of",
+    "visible",
+    "terminal_safe",
+    "html_text",
+    "escape_bytes",
+]
+
+#: Markers for whitespace and control characters in token displays.
+MARKS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
+SPACE_MARK = "·"  # a space in a token made only of whitespace
+UNKNOWN_BYTES = "\\x??"  # a part-character token of a trace without token bytes
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _escape_char(c: str) -> str:
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:  # a byte smuggled through os.fsdecode's surrogateescape
+        return f"\\x{o - 0xDC00:02x}"
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def _unsafe(c: str) -> bool:
+    """Characters never written raw: controls (C0, DEL, C1), lone surrogates, line/paragraph
+    separators and bidirectional overrides (which can reorder what a terminal shows)."""
+    return unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI
+
+
+def escape_bytes(data: bytes) -> str:
+    """``b"\\xe5\\x9b"`` -> the 8-character text ``\\xe5\\x9b``."""
+    return "".join(f"\\x{b:02x}" for b in data)
+
+
+def _blank(text: str) -> bool:
+    return bool(text) and all(c.isspace() or _unsafe(c) for c in text)
+
+
+def visible(text: str, *, blank: bool | None = None) -> str:
+    """``text`` of one token for a label or table cell: newline ↵, tab ⇥, carriage return ␍,
+    spaces of a whitespace-only token ·, other controls escaped (``\\x07``), a leading
+    combining mark on a dotted circle (◌́).  ``blank``: whether the whole token is whitespace
+    (default: whether ``text`` is)."""
+    ws_only = _blank(text) if blank is None else blank
+    out = []
+    for c in text:
+        if c in MARKS:
+            out.append(MARKS[c])
+        elif c == " " and ws_only:
+            out.append(SPACE_MARK)
+        elif _unsafe(c) or (ws_only and c.isspace()):
+            out.append(_escape_char(c))
+        else:
+            out.append(c)
+    s = "".join(out)
+    if s and unicodedata.combining(s[0]):
+        s = "◌" + s
+    return s
+
+
+def terminal_safe(s: Any, limit: int | None = None) -> str:
+    """``s`` for one line of terminal output: control characters (escape sequences, bells,
+    newlines), lone surrogates, line separators and bidi overrides escaped; emoji, ZWJ
+    sequences and combining marks kept.  Truncated with "…" past ``limit`` characters."""
+    text = "".join(_escape_char(c) if _unsafe(c) else c for c in str(s))
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 1, 0)] + "…"
+    return text
+
+
+def html_text(s: Any) -> str:
+    """``s`` escaped for HTML text or a quoted attribute; lone surrogates and controls other
+    than newline and tab are written as visible escapes (so the page always encodes as UTF-8)."""
+    text = "".join(_escape_char(c) if (_unsafe(c) and c not in "\n\t") else c for c in str(s))
+    return html.escape(text, quote=True)
+
+
+# --------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one token shows.
+
+    ``parts``: in order, ``str`` runs of whole characters completed by this token and
+    ``bytes`` runs of this token's bytes that belong to a character it does not complete
+    (shown escaped).  ``text``: the characters this token adds to the decoded text (what the
+    tokenizer's decode of the whole run gives at this point; "\\ufffd" only where the bytes are
+    not valid UTF-8).  ``known``: the bytes were recorded (``trace.token_bytes``)."""
+
+    token_id: int
+    parts: tuple[str | bytes, ...]
+    text: str
+    known: bool = True
+
+    @property
+    def chars(self) -> str:
+        """The whole characters shown on this token (``text`` without replacement chars)."""
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+    @property
+    def partial(self) -> bytes:
+        return b"".join(p for p in self.parts if isinstance(p, bytes))
+
+    @property
+    def display(self) -> str:
+        """One display string: characters made :func:`visible`, partial bytes escaped."""
+        blank = _blank(self.chars)
+        s = "".join(escape_bytes(p) if isinstance(p, bytes) else visible(p, blank=blank) for p in self.parts)
+        return s if self.known else s.replace("\ufffd", UNKNOWN_BYTES)
+
+
+def _expected(lead: int) -> int:
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _valid_next(cur: list[int], b: int) -> bool:
+    """Is ``b`` a valid next byte of the UTF-8 sequence ``cur`` (no overlongs, no surrogates)."""
+    if not 0x80 <= b <= 0xBF:
+        return False
+    if len(cur) == 1:
+        lo, hi = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(cur[0], (0x80, 0xBF))
+        return lo <= b <= hi
+    return True
+
+
+def _split(chunks: list[bytes]) -> list[tuple[list[str | bytes], str]]:
+    """Decode the concatenation of ``chunks`` as UTF-8; per chunk its display parts and text."""
+    parts: list[list[str | bytes]] = [[] for _ in chunks]
+    texts: list[list[str]] = [[] for _ in chunks]
+    cur: list[int] = []  # bytes of the character being assembled
+    owners: list[int] = []  # chunk of each byte in cur
+
+    def add_str(i: int, s: str) -> None:
+        if parts[i] and isinstance(parts[i][-1], str):
+            parts[i][-1] += s  # type: ignore[operator]
+        else:
+            parts[i].append(s)
+        texts[i].append(s)
+
+    def add_bytes(i: int, data: bytes) -> None:
+        if parts[i] and isinstance(parts[i][-1], bytes):
+            parts[i][-1] += data  # type: ignore[operator]
+        else:
+            parts[i].append(data)
+
+    def spill(complete: bool) -> None:
+        """cur ends: as one character on the last owner, or as invalid bytes on every owner."""
+        if complete:
+            done = owners[-1]
+            for o in sorted(set(owners)):
+                if o != done:
+                    add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o))
+            add_str(done, bytes(cur).decode("utf-8"))
+        else:
+            for o in sorted(set(owners)):
+                add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o))
+            texts[owners[0]].append("\ufffd")
+        cur.clear()
+        owners.clear()
+
+    for i, chunk in enumerate(chunks):
+        for b in chunk:
+            if cur and not _valid_next(cur, b):
+                spill(False)
+            if cur:
+                cur.append(b)
+                owners.append(i)
+                if len(cur) == _expected(cur[0]):
+                    spill(True)
+            elif b < 0x80:
+                add_str(i, chr(b))
+            elif _expected(b):
+                cur.append(b)
+                owners.append(i)
+            else:
+                add_bytes(i, bytes([b]))
+                texts[i].append("\ufffd")
+    if cur:
+        spill(False)
+    return [(p, "".join(t)) for p, t in zip(parts, texts)]
+
+
+def _bytes_of(trace: Any, tid: int) -> bytes | None:
+    data = (getattr(trace, "token_bytes", None) or {}).get(tid)
+    return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
+
+
+def _fallback(trace: Any, tid: int) -> Piece:
+    text = (getattr(trace, "token_text", None) or {}).get(tid)
+    if not isinstance(text, str):
+        text = f"<{tid}>"
+    return Piece(tid, (text,) if text else (), text, known=False)
+
+
+def pieces(trace: Any, ids: Iterable[Any]) -> list[Piece]:
+    """One :class:`Piece` per id, the ids decoded together as one byte stream (pass a whole
+    run, e.g. prompt + generated tokens, so characters split over tokens are joined)."""
+    ids = [int(i) for i in ids]
+    out: list[Piece] = []
+    run: list[tuple[int, bytes]] = []
+
+    def flush() -> None:
+        for (tid, _), (parts, text) in zip(run, _split([b for _, b in run])):
+            out.append(Piece(tid, tuple(parts), text))
+        run.clear()
+
+    for tid in ids:
+        data = _bytes_of(trace, tid)
+        if data is None:
+            flush()
+            out.append(_fallback(trace, tid))
+        else:
+            run.append((tid, data))
+    flush()
+    return out
+
+
+def token_pieces(trace: Any, ids: Iterable[Any]) -> list[str]:
+    """One display string per token of the run ``ids`` (see :class:`Piece.display`)."""
+    return [p.display for p in pieces(trace, ids)]
+
+
+def piece_of(trace: Any, token_id: Any) -> Piece:
+    """One token on its own (a top-k candidate, a table cell): its own bytes, decoded where
+    they hold whole characters, escaped where they hold part of one."""
+    return pieces(trace, [token_id])[0]
