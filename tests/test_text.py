@@ -204,3 +204,12 @@ def test_html_text_escapes_and_encodes():
 def test_piece_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Piece(1, ("a",), "a").text = "b"  # type: ignore[misc]
+
+
+def test_running_text_joins_characters_and_escapes_only_broken_bytes():
+    from tracer.text import running_text
+
+    t = _T({}, {5: b"\xe5\x8c", 6: b"\x97", 7: b"\xe4\xba", 8: b"!", 9: b"\xff"})
+    assert running_text(pieces(t, [5, 6, 8])) == "北!"
+    assert running_text(pieces(t, [8, 5, 6, 7])) == "!北\\xe4\\xba"  # stopped mid-character
+    assert running_text(pieces(t, [9, 8])) == "\\xff!"

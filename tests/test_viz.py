@@ -47,7 +47,7 @@ def test_module_imports_without_heavy_dependencies():
 
 def test_step_text_lists_inputs_processors_and_stop(trace):
     text = viz.step_text(trace, 0)
-    assert "prefill" in text and "cache_position [0, 1, 2, 3, 4]" in text
+    assert "prefill" in text and "cache slots    [0, 1, 2, 3, 4]" in text
     assert "TemperatureLogitsWarper" in text and "TopKLogitsWarper" in text
     last = viz.step_text(trace, trace.num_steps - 1)
     assert "stop: eos:<|eot|>" in last
@@ -64,7 +64,7 @@ def test_step_explorer_slider_updates_panes(trace):
     assert all(a != b for a, b in zip(after, before))
     chosen = int(trace.steps[2].chosen[0])
     assert html.escape(trace.token_text[chosen]) in w.text_html.value
-    assert "cache_position" in w.inputs_html.value and "[6]" in w.inputs_html.value
+    assert "cache slots written (computed)</th><td>[6]" in w.inputs_html.value
     w.slider.value = trace.num_steps - 1
     assert "stop" in w.table_html.value and "eos:&lt;|eot|&gt;" in w.table_html.value
 

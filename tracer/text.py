@@ -26,10 +26,13 @@ __all__ = [
     "token_pieces",
     "pieces",
     "piece_of",
+    "running_text",
+    "Broken",
     "visible",
     "terminal_safe",
     "html_text",
     "escape_bytes",
+    "is_blank",
 ]
 
 #: Markers for whitespace and control characters in token displays.
@@ -59,7 +62,8 @@ def escape_bytes(data: bytes) -> str:
     return "".join(f"\\x{b:02x}" for b in data)
 
 
-def _blank(text: str) -> bool:
+def is_blank(text: str) -> bool:
+    """Is ``text`` non-empty and made only of whitespace and control characters?"""
     return bool(text) and all(c.isspace() or _unsafe(c) for c in text)
 
 
@@ -68,7 +72,7 @@ def visible(text: str, *, blank: bool | None = None) -> str:
     spaces of a whitespace-only token ·, other controls escaped (``\\x07``), a leading
     combining mark on a dotted circle (◌́).  ``blank``: whether the whole token is whitespace
     (default: whether ``text`` is)."""
-    ws_only = _blank(text) if blank is None else blank
+    ws_only = is_blank(text) if blank is None else blank
     out = []
     for c in text:
         if c in MARKS:
@@ -107,6 +111,11 @@ def html_text(s: Any) -> str:
 # --------------------------------------------------------------------------------------
 
 
+class Broken(bytes):
+    """Bytes that are not part of any whole character: invalid UTF-8, or a character the run
+    never completes (e.g. generation stopped mid-character)."""
+
+
 @dataclass(frozen=True)
 class Piece:
     """What one token shows.
@@ -132,9 +141,16 @@ class Piece:
         return b"".join(p for p in self.parts if isinstance(p, bytes))
 
     @property
+    def running(self) -> str:
+        """This token in running text: its whole characters, plus escaped :class:`Broken`
+        bytes (bytes completed by a later token are left to that token)."""
+        return "".join(escape_bytes(p) if isinstance(p, Broken) else p for p in self.parts if not
+                       (isinstance(p, bytes) and not isinstance(p, Broken)))
+
+    @property
     def display(self) -> str:
         """One display string: characters made :func:`visible`, partial bytes escaped."""
-        blank = _blank(self.chars)
+        blank = is_blank(self.chars)
         s = "".join(escape_bytes(p) if isinstance(p, bytes) else visible(p, blank=blank) for p in self.parts)
         return s if self.known else s.replace("\ufffd", UNKNOWN_BYTES)
 
@@ -173,11 +189,12 @@ def _split(chunks: list[bytes]) -> list[tuple[list[str | bytes], str]]:
             parts[i].append(s)
         texts[i].append(s)
 
-    def add_bytes(i: int, data: bytes) -> None:
-        if parts[i] and isinstance(parts[i][-1], bytes):
-            parts[i][-1] += data  # type: ignore[operator]
+    def add_bytes(i: int, data: bytes, broken: bool) -> None:
+        kind = Broken if broken else bytes
+        if parts[i] and type(parts[i][-1]) is kind:
+            parts[i][-1] = kind(parts[i][-1] + data)  # type: ignore[operator]
         else:
-            parts[i].append(data)
+            parts[i].append(kind(data))
 
     def spill(complete: bool) -> None:
         """cur ends: as one character on the last owner, or as invalid bytes on every owner."""
@@ -185,11 +202,11 @@ def _split(chunks: list[bytes]) -> list[tuple[list[str | bytes], str]]:
             done = owners[-1]
             for o in sorted(set(owners)):
                 if o != done:
-                    add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o))
+                    add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o), False)
             add_str(done, bytes(cur).decode("utf-8"))
         else:
             for o in sorted(set(owners)):
-                add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o))
+                add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o), True)
             texts[owners[0]].append("\ufffd")
         cur.clear()
         owners.clear()
@@ -209,7 +226,7 @@ def _split(chunks: list[bytes]) -> list[tuple[list[str | bytes], str]]:
                 cur.append(b)
                 owners.append(i)
             else:
-                add_bytes(i, bytes([b]))
+                add_bytes(i, bytes([b]), True)
                 texts[i].append("\ufffd")
     if cur:
         spill(False)
@@ -249,6 +266,12 @@ def pieces(trace: Any, ids: Iterable[Any]) -> list[Piece]:
             run.append((tid, data))
     flush()
     return out
+
+
+def running_text(items: Iterable[Piece]) -> str:
+    """The text of a run of pieces as one string: whole characters, with bytes that never make
+    a character shown escaped (``\\xe5\\x9b``) instead of "�"."""
+    return "".join(p.running if p.known else p.running.replace("\ufffd", UNKNOWN_BYTES) for p in items)
 
 
 def token_pieces(trace: Any, ids: Iterable[Any]) -> list[str]:

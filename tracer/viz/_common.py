@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import html
 import io
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..text import html_text, piece_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -24,16 +25,13 @@ _OTHER = "#8da0cb"
 
 
 def _tok(trace: Trace, token_id: int) -> str:
-    return trace.token_text.get(int(token_id), f"<{int(token_id)}>")
-
-
-def _show(text: str) -> str:
-    """A token's text made visible (newlines, tabs, leading spaces) for labels."""
-    return text.replace("\n", "↵").replace("\t", "⇥").replace(" ", "␣") if text.strip() == "" or "\n" in text else text
+    """One token on its own, for labels and table cells (:func:`tracer.text.piece_of`):
+    multibyte parts as escaped bytes, whitespace and control characters made visible."""
+    return piece_of(trace, token_id).display
 
 
 def _esc(text: str) -> str:
-    return html.escape(text, quote=True)
+    return html_text(text)
 
 
 def _check_step(trace: Trace, step: int) -> StepRecord:

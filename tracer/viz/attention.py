@@ -11,14 +11,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..records import Trace
 
+from ..records import TraceFormatError
+from ..text import token_pieces
+from .shared import whole_maps
 from ._common import (
     _CLASSES,
     _annotate,
     _check_step,
     _new_figure,
     _png,
-    _show,
-    _tok,
 )
 
 # --------------------------------------------------------------------------------------
@@ -32,9 +33,15 @@ def _require_attention(trace: Trace) -> None:
 
 
 def _position_labels(trace: Trace, seq: int, n: int) -> list[str]:
-    ids = trace.sequences[seq][:n]
-    pad = [j < trace.prompt_len and not trace.prompt_mask[seq][j] for j in range(len(ids))]
-    return ["·" if pad[j] else _show(_tok(trace, i)) for j, i in enumerate(ids)]
+    """One label per key position: "·" for padding, the token's display (characters split
+    over tokens shown whole on the completing token, see :mod:`tracer.text`) otherwise."""
+    ids = [int(i) for i in trace.sequences[seq][:n]]
+    mask = trace.prompt_mask[seq]
+    real = [j for j in range(len(ids)) if not (j < min(trace.prompt_len, len(mask)) and not mask[j])]
+    labels = ["·"] * len(ids)
+    for j, shown in zip(real, token_pieces(trace, [ids[j] for j in real])):
+        labels[j] = shown
+    return labels + [""] * (n - len(labels))
 
 
 def attention_maps(
@@ -49,27 +56,35 @@ def attention_maps(
 ) -> tuple[np.ndarray, list[int], list[int]]:
     """`(L, N, T, T)` assembled maps up to ``step`` (``T = P + step``), the layer list and the
     head list (query heads, or KV heads when ``kv_heads``: the mean of the recorded query heads
-    that read each KV head)."""
+    that read each KV head).  Each step's blob of each layer is read once (for all heads)."""
     _require_attention(trace)
     _check_step(trace, step)
     layers = list(trace.attention_layers if layers is None else layers)
-    qheads = list(trace.attention_heads if heads is None else heads)
+    recorded = list(trace.attention_heads)
     if kv_heads:
+        kv_of = list(trace.kv_head_of)
+        if any(not 0 <= h < len(kv_of) for h in recorded):
+            raise TraceFormatError(f"kv_head_of {kv_of} does not cover the recorded heads {recorded}")
         groups: dict[int, list[int]] = {}
-        for h in trace.attention_heads:
-            groups.setdefault(trace.kv_head_of[h], []).append(h)
+        for i, h in enumerate(recorded):
+            groups.setdefault(int(kv_of[h]), []).append(i)
         names = sorted(groups) if heads is None else [k for k in sorted(groups) if k in heads]
+        qheads = None
+    else:
+        qheads = recorded if heads is None else list(heads)
     out = []
     for i, layer in enumerate(layers):
+        maps = whole_maps(trace, layer, seq, upto_step=step, heads=qheads)
         if kv_heads:
-            out.append(
-                [np.mean([trace.head_map(layer, h, seq, upto_step=step) for h in groups[k]], axis=0) for k in names]
-            )
-        else:
-            out.append([trace.head_map(layer, h, seq, upto_step=step) for h in qheads])
+            maps = np.stack([maps[groups[k]].mean(axis=0) for k in names]) if names else maps[:0]
+        if out and maps.shape[1:] != out[0].shape[1:]:
+            raise TraceFormatError(f"attention maps of layer {layer} have shape {maps.shape[1:]}, "
+                                   f"layer {layers[0]} {out[0].shape[1:]}")
+        out.append(maps)
         if progress is not None:
             progress(i + 1, len(layers))
-    return np.asarray(out, dtype=np.float32), layers, (names if kv_heads else qheads)
+    stacked = np.stack(out) if out else np.zeros((0, 0, 0, 0), np.float32)
+    return stacked.astype(np.float32, copy=False), layers, (names if kv_heads else list(qheads or []))
 
 
 def attention_grid_figure(
@@ -81,9 +96,13 @@ def attention_grid_figure(
     *,
     kv_heads: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    maps: tuple[np.ndarray, list[int], list[int]] | None = None,
 ) -> Figure:
-    """Small multiples, layers × heads, of the maps assembled up to ``step``."""
-    maps, lay, hs = attention_maps(trace, step, seq, kv_heads=kv_heads, layers=layers, heads=heads, progress=progress)
+    """Small multiples, layers × heads, of the maps assembled up to ``step`` (or of ``maps``,
+    the result of :func:`attention_maps`, so a widget draws what it already read)."""
+    if maps is None:
+        maps = attention_maps(trace, step, seq, kv_heads=kv_heads, layers=layers, heads=heads, progress=progress)
+    maps, lay, hs = maps
     nl, nh = maps.shape[:2]
     what = "KV heads (mean of query heads)" if kv_heads else "query heads"
     title = f"attention up to step {step}, seq {seq}\nlayers × {what}"
@@ -207,7 +226,8 @@ def _attention_grid_class() -> type:
             t = self.trace
             self.progress.value = 0
             self.maps, self.layers, self.heads = attention_maps(t, self.step.value, self.seq, kv_heads=self.kv_mode, progress=self._tick)
-            self.grid.value = _png(attention_grid_figure(t, self.step.value, self.seq, kv_heads=self.kv_mode))
+            self.grid.value = _png(attention_grid_figure(t, self.step.value, self.seq, kv_heads=self.kv_mode,
+                                                         maps=(self.maps, self.layers, self.heads)))
             kind = "kv" if self.kv_mode else "h"
             opts = [(f"L{layer} {kind}{h}", (layer, h)) for layer in self.layers for h in self.heads]
             old = self.pick.value

@@ -13,6 +13,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..records import StepRecord, Trace
 
+from ..text import Piece, running_text, token_pieces
+from .shared import run_pieces, token_span
 from ._common import (
     _CHOSEN,
     _CLASSES,
@@ -22,7 +24,6 @@ from ._common import (
     _new_figure,
     _params,
     _png,
-    _show,
     _tok,
 )
 
@@ -31,10 +32,27 @@ from ._common import (
 # --------------------------------------------------------------------------------------
 
 
-def _text_so_far(trace: Trace, step: int, seq: int) -> tuple[list[int], list[int]]:
-    prompt = [int(i) for i in trace.prompt_tokens(seq)]
-    gen = [int(trace.steps[s].chosen[seq]) for s in range(step + 1) if trace.steps[s].active[seq]]
-    return prompt, gen
+def _text_so_far(trace: Trace, step: int, seq: int) -> tuple[list[Piece], list[Piece]]:
+    """Pieces of the prompt and of the tokens generated up to ``step`` (decoded as one run)."""
+    prompt, gen = run_pieces(trace, seq)
+    n = sum(1 for s in range(step + 1) if trace.steps[s].active[seq])
+    return prompt, gen[:n]
+
+
+def _slots(inp: Any) -> list[int] | None:
+    """The cache slots written this step (computed from the cache length, not fed by
+    generate): ``cache_slots`` in newer traces, ``cache_position`` in older ones."""
+    slots = getattr(inp, "cache_slots", None)
+    if slots is None:
+        slots = getattr(inp, "cache_position", None)
+    return None if slots is None else np.asarray(slots).ravel().tolist()
+
+
+def top_candidates(trace: Trace, top: Any, seq: int) -> tuple[list[int], np.ndarray, int]:
+    """The candidates of a top-k row that are still candidates (masked ones, at -inf, left
+    out): their ids, probabilities, and how many were masked."""
+    keep = np.isfinite(top.values[seq])
+    return [int(i) for i in top.ids[seq][keep]], top.probs[seq][keep], int((~keep).sum())
 
 
 def _processor_rows(step: StepRecord, seq: int) -> list[dict[str, Any]]:
@@ -61,15 +79,15 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
         lines.append(f"sequence {seq} had already finished ({trace.stop_reasons[seq]})")
         return "\n".join(lines)
     prompt, gen = _text_so_far(trace, step, seq)
-    lines.append("text: " + trace.text_of(prompt) + trace.text_of(gen[:-1]) + "[[" + _tok(trace, gen[-1]) + "]]")
+    lines.append("text: " + running_text(prompt) + running_text(gen[:-1]) + "[[" + gen[-1].display + "]]")
     inp = rec.inputs
     ids = [int(i) for i in inp.input_ids[seq]]
     lines.append("inputs:")
     lines.append(f"  input_ids      {ids}")
-    lines.append(f"  tokens         {[_tok(trace, i) for i in ids]}")
-    lines.append(f"  cache_position {inp.cache_position.tolist()}")
+    lines.append(f"  tokens         {token_pieces(trace, ids)}")
     pos = None if inp.position_ids is None else inp.position_ids[seq].tolist()
-    lines.append(f"  position_ids   {pos}")
+    lines.append(f"  position_ids   {pos}  (as fed to forward)")
+    lines.append(f"  cache slots    {_slots(inp)}  (computed from the cache length)")
     lines.append(f"  cache length before {inp.cache_len_before}, attention mask shape {inp.attention_mask_shape or 'none (no padding)'}")
     chosen = int(rec.chosen[seq])
     argmax = int(rec.final.ids[seq, 0])
@@ -88,10 +106,10 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
         )
     lines.append("top-k per stage (prob):")
     for st in rec.stages:
-        probs = st.top.probs[seq]
-        cells = [
-            ("*" if int(i) == chosen else "") + f"{_tok(trace, i)!r}:{p:.3f}" for i, p in zip(st.top.ids[seq], probs)
-        ]
+        ids_k, probs, masked = top_candidates(trace, st.top, seq)
+        cells = [("*" if i == chosen else "") + f"{_tok(trace, i)!r}:{p:.3f}" for i, p in zip(ids_k, probs)]
+        if masked:
+            cells.append(f"+{masked} masked")
         lines.append(f"  {st.name:<34} " + "  ".join(cells))
     if rec.finished[seq]:
         lines.append(f"stop: {rec.stop_reasons[seq]}")
@@ -103,12 +121,11 @@ def _text_html(trace: Trace, step: int, seq: int) -> str:
     if not rec.active[seq]:
         return f"<i>sequence {seq} had already finished ({_esc(trace.stop_reasons[seq])})</i>"
     prompt, gen = _text_so_far(trace, step, seq)
-    out = [f'<span style="color:#777">{_esc(trace.text_of(prompt))}</span>', _esc(trace.text_of(gen[:-1]))]
-    cur = int(gen[-1])
-    out.append(
-        f'<span style="background:{_CHOSEN};color:white;border-radius:3px;padding:0 2px" '
-        f'title="id {cur}">{_esc(_show(_tok(trace, cur)))}</span>'
-    )
+    out = ['<span style="color:#777">' + "".join(token_span(p, cls="") for p in prompt) + "</span>"]
+    out += [token_span(p, cls="") for p in gen[:-1]]
+    cur = gen[-1]
+    out.append(token_span(cur, cls="", title=f"id {cur.token_id}",
+                          style=f"background:{_CHOSEN};color:white;border-radius:3px;padding:0 2px"))
     stop = ""
     if rec.finished[seq]:
         stop = f'<div style="color:{_CHOSEN};font-weight:bold">stopped: {_esc(str(rec.stop_reasons[seq]))}</div>'
@@ -119,13 +136,13 @@ def _inputs_html(trace: Trace, step: int, seq: int) -> str:
     rec = trace.steps[step]
     inp = rec.inputs
     ids = [int(i) for i in inp.input_ids[seq]]
-    toks = " ".join(f"<code>{_esc(_show(_tok(trace, i)))}</code>" for i in ids)
+    toks = " ".join(f"<code>{_esc(d)}</code>" for d in token_pieces(trace, ids))
     pos = "None" if inp.position_ids is None else str(inp.position_ids[seq].tolist())
     rows = [
         ("input_ids", _esc(str(ids))),
         ("tokens", toks),
-        ("cache_position", _esc(str(inp.cache_position.tolist()))),
-        ("position_ids", _esc(pos)),
+        ("position_ids (as fed)", _esc(pos)),
+        ("cache slots written (computed)", _esc(str(_slots(inp)))),
         ("cache length before", str(inp.cache_len_before)),
         ("attention mask shape", _esc(str(inp.attention_mask_shape)) if inp.attention_mask_shape
                                   else "none (no padding: generate drops an all-ones mask)"),
@@ -142,9 +159,9 @@ def _table_html(trace: Trace, step: int, seq: int) -> str:
     argmax = int(rec.final.ids[seq, 0])
     how = "sampled" if rec.sampled else "argmax"
     head = (
-        f"<div><b>chosen</b> <code>{_esc(_show(_tok(trace, chosen)))}</code> (id {chosen}) "
+        f"<div><b>chosen</b> <code>{_esc(_tok(trace, chosen))}</code> (id {chosen}) "
         f"p={float(rec.chosen_prob[seq]):.4f}, rank {int(rec.stages[-1].chosen_rank[seq])}, {how}; "
-        f"argmax <code>{_esc(_show(_tok(trace, argmax)))}</code> (id {argmax})</div>"
+        f"argmax <code>{_esc(_tok(trace, argmax))}</code> (id {argmax})</div>"
     )
     cols = ["processor", "params", "newly masked", "KL (nats)", "chosen rank", "chosen prob"]
     th = "".join(f"<th>{c}</th>" for c in cols)
@@ -165,13 +182,12 @@ def _waterfall_data(trace: Trace, step: int, seq: int) -> list[tuple[str, list[s
     out = []
     for st in rec.stages:
         # tokens a processor masked to -inf are not candidates any more: leave them out
-        keep = np.isfinite(st.top.values[seq])
-        ids = [int(i) for i in st.top.ids[seq][keep]]
+        ids, probs, _ = top_candidates(trace, st.top, seq)
         out.append(
             (
                 st.name,
-                [f"{_show(_tok(trace, i))} ({i})" for i in ids],
-                st.top.probs[seq][keep],
+                [f"{_tok(trace, i)} ({i})" for i in ids],
+                probs,
                 [i == chosen for i in ids],
                 int(st.chosen_rank[seq]),
             )

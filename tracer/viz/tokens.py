@@ -18,9 +18,9 @@ from ._common import (
     _new_figure,
     _png,
     _seq_steps,
-    _show,
     _tok,
 )
+from .shared import prob_color, run_pieces, token_span
 
 # --------------------------------------------------------------------------------------
 # 4. Logit lens
@@ -38,7 +38,7 @@ def logit_lens_matrix(trace: Trace, seq: int = 0, metric: str = "prob") -> tuple
     lenses = [trace.steps[s].logit_lens for s in steps]
     field = "chosen_prob" if metric == "prob" else "chosen_rank"
     mat = np.stack([getattr(ll, field)[:, seq] for ll in lenses], axis=1)  # type: ignore[union-attr]
-    labels = [_show(_tok(trace, trace.steps[s].chosen[seq])) for s in steps]
+    labels = [_tok(trace, trace.steps[s].chosen[seq]) for s in steps]
     return mat, list(lenses[0].layers), steps, labels  # type: ignore[union-attr]
 
 
@@ -109,16 +109,12 @@ def logit_lens(trace: Trace, seq: int = 0) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _color(x: float) -> str:
-    """0 → red, 1 → green, light enough to read black text on."""
-    x = float(np.clip(x, 0.0, 1.0))
-    return f"hsl({int(120 * x)}, 70%, 78%)"
-
-
 def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
     """The prompt (grey) and generated tokens of ``seq``; each generated token's background
     shows the chosen token's probability (green high, red low) or the entropy of the final
-    distribution (green low); the ``title`` tooltip gives id, probability, rank and entropy."""
+    distribution (green low); the ``title`` tooltip gives id, probability, rank and entropy.
+    Characters split over several tokens are shown whole on the token that completes them
+    (the earlier tokens show their bytes, escaped); the text read off the spans is the text."""
     if metric not in ("prob", "entropy"):
         raise ValueError(f"metric must be 'prob' or 'entropy', not {metric!r}")
     steps = _seq_steps(trace, seq)
@@ -126,24 +122,24 @@ def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
     ents = {s: value for s, (value, _) in found.items()}
     exact = all(is_exact for _, is_exact in found.values())
     hmax = max(list(ents.values()) + [1e-9])
-    parts = [f'<span style="color:#888" title="prompt">{_esc(trace.text_of(trace.prompt_tokens(seq)))}</span>']
-    for s in steps:
+    prompt, gen = run_pieces(trace, seq)
+    parts = ['<span style="color:#888" title="prompt">'
+             + "".join(token_span(p, cls="tr-tok") for p in prompt) + "</span>"]
+    for s, piece in zip(steps, gen):
         rec = trace.steps[s]
         tid = int(rec.chosen[seq])
         p = float(rec.chosen_prob[seq])
         rank = int(rec.stages[-1].chosen_rank[seq])
         shade = p if metric == "prob" else 1.0 - ents[s] / hmax
         title = (
-            f"step {s} · id {tid} · p={p:.4f} · rank {rank} · "
+            f"step {s} · id {tid} · {piece.display} · p={p:.4f} · rank {rank} · "
             + (f"entropy {ents[s]:.3f} nats" if exact
                else f"entropy ≥ {ents[s]:.3f} nats (lower bound: from the recorded top-k only)")
         )
         if rec.finished[seq]:
             title += f" · stop: {rec.stop_reasons[seq]}"
-        parts.append(
-            f'<span style="background:{_color(shade)};border-radius:2px;padding:0 1px" title="{_esc(title)}">'
-            f"{_esc(_show(_tok(trace, tid)))}</span>"
-        )
+        parts.append(token_span(piece, cls="tr-tok tr-gen", title=title,
+                                style=f"background:{prob_color(shade)};border-radius:2px;padding:0 1px"))
     legend = (
         "colour: probability of the chosen token (red 0 → green 1)"
         if metric == "prob"
