@@ -597,8 +597,9 @@ def test_html_escapes_every_text(tmp_path, evil):
     trace.meta.notes = [evil]
     trace.prompts = [evil, "ok"]
     path = tmp_path / "r.html"
-    out = trace_to_html(trace, path)
-    assert path.read_text(encoding="utf-8") == out
+    assert trace_to_html(trace, path) == path  # with a path: written there, the path returned
+    out = path.read_text(encoding="utf-8")
+    assert out == trace_to_html(trace)
     import html as html_mod
 
     assert evil not in out
@@ -616,7 +617,7 @@ def test_html_contents_and_self_contained():
     for needle in ("TemperatureLogitsWarper", "TopKLogitsWarper", "eos:&lt;|eot|&gt;", "mean over the recorded heads",
                    "sequence 2"):
         assert needle in out, needle
-    pngs = out.count("data:image/png;base64,")
+    pngs = out.count("<figure><img")  # attention maps (the cache figure is one more PNG)
     assert pngs == 12  # at most 12 maps
     start = out.index("data:image/png;base64,") + len("data:image/png;base64,")
     png = base64.b64decode(out[start : out.index("'", start)])
@@ -627,7 +628,8 @@ def test_html_contents_and_self_contained():
 def test_perfetto(tmp_path):
     trace = make_trace(batch=2, steps=6)
     path = tmp_path / "p.json"
-    doc = trace_to_perfetto(trace, path)
+    assert trace_to_perfetto(trace, path) == path  # with a path: written there, the path returned
+    doc = trace_to_perfetto(trace)
     assert json.loads(path.read_text()) == json.loads(json.dumps(doc))
     assert doc["displayTimeUnit"] == "ms"
     events = doc["traceEvents"]

@@ -1,38 +1,32 @@
 """Read-only outputs of a trace: ``tracer inspect`` text, the HTML report, Perfetto JSON.
 
 Like :mod:`tracer.storage`, this imports only the standard library, numpy and the record
-layer, so a trace loaded without torch or transformers can be shared as HTML or a timeline.
-Every token string and every text that comes from a trace goes through ``html.escape``.
+layer (plus the numpy-only view helpers of :mod:`tracer.viz`), so a trace loaded without torch
+or transformers can be shared as HTML or a timeline.  The report is built from the same view
+functions as the notebook views (:mod:`tracer.viz.report`); token text comes from
+:mod:`tracer.text` (never "�" for a valid character); every text from a trace is escaped
+(:func:`tracer.text.html_text` in HTML, :func:`tracer.text.terminal_safe` in terminal text).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
 import json
 import math
 import os
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .records import SCHEMA_VERSION, Trace, TraceFormatError, blob_key, parse_blob_key, stack_rows
-from .storage import (
-    BLOBS,
-    FORMAT_NAME,
-    MANIFEST,
-    TABLES,
-    SafetensorsStore,
-    _jsonable,
-    _trace_folder,
-    load_trace,
-)
+from .records import SCHEMA_VERSION, Trace, TraceFormatError, parse_blob_key
+from .storage import BLOBS, FORMAT_NAME, MANIFEST, TABLES, SafetensorsStore, load_trace
+from .text import html_text as _e
+from .text import piece_of, pieces, running_text, terminal_safe
+from .viz.report import cache_html, generation_rows, maps_html, sequence_html, steps_table_html
+from .viz.shared import backend_of
 
-__all__ = ["inspect_trace", "trace_to_html", "trace_summary_html", "trace_to_perfetto"]
+__all__ = ["inspect_trace", "trace_to_html", "trace_summary_html", "trace_to_perfetto", "display_text"]
 
 
 # ======================================================================================
@@ -40,8 +34,7 @@ __all__ = ["inspect_trace", "trace_to_html", "trace_summary_html", "trace_to_per
 
 def _plain(s: Any, limit: int = 100) -> str:
     """``s`` for a terminal: control characters escaped, truncated with an ellipsis."""
-    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(s))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return terminal_safe(s, limit)
 
 
 def _size(n: int) -> str:
@@ -63,27 +56,64 @@ def _blob_kinds(blobs: Any) -> dict[str, set[int]]:
     return kinds
 
 
+def display_text(trace: Trace, seq: int = 0) -> str:
+    """The generated text of ``seq`` for display: the tokens decoded together (terminators
+    left out), characters split over tokens joined, bytes that make no character escaped
+    (``\\xe5\\x9b``, e.g. when a length limit cut a character) instead of "�".  Falls back
+    to the recorded ``generated_text`` when the trace has no token bytes."""
+    terms = set(int(k) for k in trace.meta.terminators) if isinstance(trace.meta.terminators, dict) else set()
+    ids = [int(i) for i in trace.generated_ids(seq) if int(i) not in terms]
+    got = pieces(trace, ids)
+    out = trace.output_text
+    if all(p.known for p in got) or not isinstance(out, list) or seq >= len(out) or not isinstance(out[seq], str):
+        return running_text(got)
+    return out[seq]
+
+
+def _folder_of(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.parent if p.name == MANIFEST else p
+
+
 def inspect_trace(path: str | os.PathLike[str]) -> str:
-    """A multi-line, terminal-safe summary of the trace folder at ``path`` (``tracer inspect``)."""
-    folder = _trace_folder(path)
-    trace = load_trace(folder)
+    """A multi-line, terminal-safe summary of the trace folder at ``path`` (``tracer inspect``).
+
+    Every text (file name, model, prompts, generated text, stop reasons) has its control
+    characters and escape sequences escaped; generated text shows whole characters."""
+    trace = load_trace(path)
+    folder = _folder_of(path)
+    try:
+        return _inspect_lines(trace, folder)
+    finally:
+        if isinstance(trace.blobs, SafetensorsStore):
+            trace.blobs.close()
+
+
+def _inspect_lines(trace: Trace, folder: Path) -> str:
     m = trace.meta
-    lines = [f"trace: {_plain(folder, 200)}  (schema {SCHEMA_VERSION}, format {FORMAT_NAME})"]
+    lines = [f"trace: {_plain(os.fspath(folder), 200)}  (schema {SCHEMA_VERSION}, format {FORMAT_NAME})"]
+    backend = backend_of(trace)
     lines.append(
         f"model: {_plain(m.model_name)}  ({_plain(m.model_class)}, {_plain(m.dtype)} on {_plain(m.device)}, "
-        f"attention {_plain(m.attn_implementation)})"
+        f"attention {_plain(m.attn_implementation)}" + ("" if backend == "transformers" else f", backend {_plain(backend)}")
+        + ")"
     )
     lines.append(f"status: {_plain(m.status)}" + (f"  error: {_plain(m.error, 200)}" if m.error else ""))
     lines.append(f"batch: {trace.batch_size}, prompt length {trace.prompt_len}")
     for b in range(trace.batch_size):
-        prompt = trace.prompts[b] if trace.prompts and b < len(trace.prompts) else trace.text_of(trace.prompt_tokens(b))
+        if trace.prompts and b < len(trace.prompts):
+            prompt = trace.prompts[b]
+        else:
+            prompt = running_text(pieces(trace, trace.prompt_tokens(b)))
         lines.append(f"prompt[{b}]: {_plain(prompt, 80)}")
     n = trace.num_steps
-    lines.append(f"steps: {n}" + (f" (prefill + {n - 1} decode)" if n else "") + f", {trace.total_time_s:.3f} s")
+    total = trace.total_time_s
+    lines.append(f"steps: {n}" + (f" (prefill + {n - 1} decode)" if n else "")
+                 + (f", {total:.3f} s" if math.isfinite(total) else ", time not recorded"))
     lines.append(f"new tokens: {trace.num_new_tokens}")
-    lines.append(f"stop reasons: {[_plain(r, 40) for r in trace.stop_reasons]}")
-    for b, text in enumerate(trace.generated_text):
-        lines.append(f"generated[{b}]: {_plain(text, 100)}")
+    lines.append(f"stop reasons: [{', '.join(_plain(r, 40) for r in trace.stop_reasons)}]")
+    for b in range(trace.batch_size):
+        lines.append(f"generated[{b}]: {_plain(display_text(trace, b), 100)}")
     kinds = _blob_kinds(trace.blobs)
     parts = []
     if trace.attention_layers:
@@ -106,23 +136,22 @@ def inspect_trace(path: str | os.PathLike[str]) -> str:
                 f"cache: {_plain(cs['cache_class'])}, {cs['layers']} layers, final length {cs['final_seq_len']}, "
                 f"{_size(cs['measured_bytes'])} measured"
             )
-        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a dtype numpy cannot name
+        except (TypeError, ValueError, OverflowError, IndexError) as exc:  # e.g. a dtype numpy cannot name
             lines.append(f"cache: {_plain(trace.cache.cache_class)} (no summary: {_plain(exc)})")
-    sizes = [f"{name} {_size((folder / name).stat().st_size)}" for name in (MANIFEST, TABLES, BLOBS)
-             if (folder / name).is_file()]
+    sizes = []
+    for name in (MANIFEST, TABLES, BLOBS):
+        try:
+            if (folder / name).is_file():
+                sizes.append(f"{name} {_size((folder / name).stat().st_size)}")
+        except OSError as exc:
+            sizes.append(f"{name} ({_plain(exc.strerror or exc)})")
     lines.append("files: " + ", ".join(sizes))
-    if isinstance(trace.blobs, SafetensorsStore):
-        trace.blobs.close()
     return "\n".join(lines)
 
 
 # ======================================================================================
 # HTML
 # ======================================================================================
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
 
 
 _CSS = """
@@ -133,192 +162,91 @@ th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}
 .tok{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;border-radius:2px;padding:0 1px}
 .prompt .tok{background:#eee;color:#555}.text{line-height:1.9}.note{color:#666;font-size:.9em}
 .maps{display:flex;flex-wrap:wrap;gap:14px}.maps figure{margin:0}
-.maps img{width:220px;height:220px;image-rendering:pixelated;border:1px solid #ccc}
+.maps img{width:220px;height:220px;image-rendering:pixelated;border:1px solid #ccc}img.wide{max-width:100%}
 """
-
-
-def _prob_color(p: float) -> str:
-    p = 0.0 if not math.isfinite(p) else min(max(p, 0.0), 1.0)
-    return f"hsl({120 * p:.0f},70%,84%)"
-
-
-def _tok(trace: Trace, tid: int) -> str:
-    return trace.token_text.get(int(tid), f"<{int(tid)}>")
-
-
-def _short(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
-
-
-def _png(rgb: np.ndarray) -> bytes:
-    """A minimal RGB PNG (stdlib zlib), so the report needs no plotting library."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[i].tobytes() for i in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
-def _heat_png(a: np.ndarray, max_side: int = 512) -> str:
-    """Base64 PNG of a non-negative map; colour = sqrt(weight), white (0) to dark blue (1)."""
-    a = np.nan_to_num(np.asarray(a, dtype=np.float32), nan=0.0)
-    f = max(1, math.ceil(max(a.shape) / max_side))
-    if f > 1:  # block-average down to at most max_side per side
-        h, w = (math.ceil(d / f) * f for d in a.shape)
-        pad = np.zeros((h, w), np.float32)
-        pad[: a.shape[0], : a.shape[1]] = a
-        a = pad.reshape(h // f, f, w // f, f).mean(axis=(1, 3))
-    v = np.sqrt(np.clip(a, 0.0, 1.0))
-    rgb = np.stack([255 - 230 * v, 255 - 170 * v, 255 - 60 * v], axis=-1).astype(np.uint8)
-    return base64.b64encode(_png(np.ascontiguousarray(rgb))).decode("ascii")
-
-
-def _mean_head_map(trace: Trace, layer: int, seq: int, last_step: int) -> np.ndarray | None:
-    """`(T, T)` like ``Trace.head_map`` but averaged over the recorded heads (one read per step)."""
-    rows = []
-    for s in range(last_step + 1):
-        key = blob_key("attention", s, layer)
-        if key not in trace.blobs:
-            break
-        block = np.asarray(trace.blobs.get(key))[seq].astype(np.float32).mean(axis=0)
-        rows.append(block if s == 0 else block[-1:])  # decode steps: the new query row
-    if not rows:
-        return None
-    return stack_rows(rows)
 
 
 def _meta_rows(trace: Trace) -> list[tuple[str, str]]:
     m = trace.meta
+    backend = backend_of(trace)
     rows = [
         ("model", f"{m.model_name} ({m.model_class})"),
+        ("backend", backend if backend != "transformers" else ""),
         ("shape", f"{m.num_layers} layers, {m.num_heads} heads ({m.num_kv_heads} KV), head dim {m.head_dim}, "
                   f"hidden {m.hidden_size}, vocab {m.vocab_size}"),
         ("dtype / device", f"{m.dtype} on {m.device}, attention {m.attn_implementation}"),
-        ("status", m.status + (f" — {m.error}" if m.error else "")),
-        ("generation config", json.dumps(_jsonable(m.generation_config), sort_keys=True)),
-        ("terminators", ", ".join(f"{k}: {v}" for k, v in m.terminators.items())),
+        ("status", f"{m.status}" + (f" — {m.error}" if m.error else "")),
+        ("terminators", ", ".join(f"{k}: {piece_of(trace, k).display if isinstance(k, int) else k} ({v!r})"
+                                  for k, v in (m.terminators.items() if isinstance(m.terminators, dict) else []))),
         ("created", m.created),
-        ("versions", ", ".join(f"{k} {v}" for k, v in m.versions.items())),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (m.versions.items() if isinstance(m.versions, dict) else []))),
         ("batch / prompt / steps", f"{trace.batch_size} / {trace.prompt_len} / {trace.num_steps}, "
                                    f"{trace.total_time_s:.3f} s"),
     ]
-    return [(k, v) for k, v in rows if v]
+    return [(k, str(v)) for k, v in rows if v]
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
-def _sequence_html(trace: Trace, b: int) -> str:
-    out = [f"<h3>sequence {b} — stop: {_e(trace.stop_reasons[b])}</h3>"]
-    if trace.prompts and b < len(trace.prompts):
-        out.append(f"<p class='note'>prompt text: {_e(_short(trace.prompts[b], 400))}</p>")
-    spans = [f"<span class='tok' title='{_e(f'id {int(t)}')}'>{_e(_tok(trace, t))}</span>"
-             for t in trace.prompt_tokens(b)]
-    out.append("<div class='text prompt'>" + "".join(spans) + "</div><div class='text'>")
-    for step in trace.steps:
-        if not step.active[b]:
-            break
-        tid = int(step.chosen[b])
-        p = float(step.chosen_prob[b])
-        title = f"step {step.index} · id {tid} · p={p:.3f} · raw rank {int(step.stages[0].chosen_rank[b])}"
-        out.append(f"<span class='tok' style='background:{_prob_color(p)}' title='{_e(title)}'>"
-                   f"{_e(_tok(trace, tid))}</span>")
-    out.append("</div>")
-    return "".join(out)
+def _generation_html(trace: Trace) -> str:
+    rows, hidden = generation_rows(trace.meta.generation_config)
+    table = _kv_table(rows) if rows else "<p class='note'>every setting at transformers' defaults.</p>"
+    return table + (f"<p class='note'>{hidden} more settings at transformers' defaults (or bookkeeping) not shown.</p>"
+                    if hidden else "")
 
 
-def _steps_table(trace: Trace, b: int, max_steps: int) -> str:
-    head = ("<tr><th>step</th><th>input tokens</th><th>chosen</th><th>prob</th><th>rank raw→final</th>"
-            "<th>top-5 final</th><th>processors: newly masked, KL, chosen rank before→after</th><th>stop</th></tr>")
-    rows = []
-    shown = 0
-    for step in trace.steps:
-        if not step.active[b]:
-            continue
-        if shown >= max_steps:
-            rows.append(f"<tr><td colspan='8' class='note'>… {trace.num_steps - shown} more steps not shown</td></tr>")
-            break
-        shown += 1
-        tid = int(step.chosen[b])
-        inputs = _short(trace.text_of(step.inputs.input_ids[b]), 60)
-        fin = step.final
-        top = ", ".join(f"{_e(_tok(trace, i))} {p:.2f}" for i, p in zip(fin.ids[b, :5], fin.probs[b, :5]))
-        procs = "<br>".join(
-            f"{_e(e.name)}: +{int(e.newly_masked[b])}, KL {float(e.kl[b]):.3g}, "
-            f"{int(e.chosen_rank_before[b])}→{int(e.chosen_rank_after[b])}"
-            for e in step.processors
-        )
-        reason = step.stop_reasons[b] if b < len(step.stop_reasons) else None
-        rows.append(
-            f"<tr><td class='num'>{step.index}</td><td><span class='tok'>{_e(inputs)}</span></td>"
-            f"<td><span class='tok'>{_e(_tok(trace, tid))}</span></td>"
-            f"<td class='num'>{float(step.chosen_prob[b]):.3f}</td>"
-            f"<td class='num'>{int(step.stages[0].chosen_rank[b])}→{int(step.stages[-1].chosen_rank[b])}</td>"
-            f"<td>{top}</td><td>{procs}</td><td>{_e(reason or '')}</td></tr>"
-        )
-    return "<table>" + head + "".join(rows) + "</table>"
-
-
-def _maps_html(trace: Trace, max_maps: int, max_steps: int) -> str:
-    layers = [l for l in trace.attention_layers if blob_key("attention", 0, l) in trace.blobs]
-    if not layers or trace.num_steps == 0:
-        return "<p class='note'>no attention maps recorded.</p>"
-    if len(layers) > max_maps:
-        pick = np.linspace(0, len(layers) - 1, max_maps).round().astype(int)
-        layers = [layers[i] for i in sorted(set(pick.tolist()))]
-    figs = []
-    for layer in layers:
-        a = _mean_head_map(trace, layer, 0, min(trace.num_steps, max_steps) - 1)
-        if a is None or a.size == 0:
-            continue
-        figs.append(f"<figure><img alt='{_e(f'layer {layer}')}' src='data:image/png;base64,{_heat_png(a)}'>"
-                    f"<figcaption>layer {int(layer)} ({a.shape[0]}×{a.shape[1]})</figcaption></figure>")
-    heads = ", ".join(str(h) for h in trace.attention_heads)
-    note = (f"Sequence 0, mean over the recorded heads ({_e(heads)}) of each layer's whole map "
-            f"(rows: query positions, prompt then generated; columns: key positions). "
-            f"Colour is √weight, white 0 to dark blue 1; at most {max_maps} layers, evenly sampled.")
-    return f"<p class='note'>{note}</p><div class='maps'>" + "".join(figs) + "</div>"
+def _section(title: str, body: Any) -> str:
+    """One report section; a section that cannot be drawn from this trace says why instead."""
+    try:
+        return f"<h2>{_e(title)}</h2>" + body()
+    except (KeyError, TraceFormatError) as exc:
+        return f"<h2>{_e(title)}</h2><p class='note'>not shown: {_e(exc)}</p>"
 
 
 def trace_to_html(
     trace: Trace, path: str | os.PathLike[str] | None = None, *, max_steps: int = 256, max_maps: int = 12,
     max_seqs: int = 4,
-) -> str:
+) -> str | Path:
     """A self-contained HTML report (inline CSS, maps as inline PNG; no scripts, no network).
 
-    Every text taken from the trace is HTML-escaped.  If ``path`` is given the report is also
-    written there (UTF-8)."""
+    Every text taken from the trace is HTML-escaped.  Without ``path`` the HTML is returned;
+    with ``path`` it is written there (UTF-8) and the path is returned (so a notebook cell
+    does not print 40 kB of HTML)."""
     model = trace.meta.model_name or "trace"
+    seqs = range(min(trace.batch_size, max_seqs))
     out = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>tracer: {_e(model)}</title><style>{_CSS}</style></head><body>",
         f"<h1>tracer report: {_e(model)}</h1>",
         _kv_table(_meta_rows(trace)),
+        "<h2>Generation config</h2><p class='note'>Settings that differ from transformers' defaults.</p>",
+        _generation_html(trace),
         "<h2>Stop reasons</h2><ul>",
         "".join(f"<li>sequence {b}: {_e(r)} ({n} new tokens)</li>"
                 for b, (r, n) in enumerate(zip(trace.stop_reasons, trace.num_new_tokens))),
         "</ul><h2>Text</h2><p class='note'>Generated tokens are coloured by the probability of the chosen "
-        "token under the final distribution (red 0 → green 1); hover for details.</p>",
+        "token under the final distribution (red 0 → green 1); hover for details. A character split over "
+        "several tokens is shown whole on the token that completes it; the tokens before show their own "
+        "bytes (<span class='tok'>\\xe5\\x9b</span>). ↵ · ⇥ mark newline, space and tab tokens.</p>",
     ]
-    seqs = range(min(trace.batch_size, max_seqs))
-    out += [_sequence_html(trace, b) for b in seqs]
+    out += [sequence_html(trace, b) for b in seqs]
     if trace.batch_size > max_seqs:
         out.append(f"<p class='note'>{trace.batch_size - max_seqs} more sequences not shown.</p>")
     out.append("<h2>Steps</h2>")
     for b in seqs:
-        out.append(f"<h3>sequence {b}</h3>" + _steps_table(trace, b, max_steps))
-    out.append("<h2>Attention</h2>" + _maps_html(trace, max_maps, max_steps))
+        out.append(f"<h3>sequence {b}</h3>" + steps_table_html(trace, b, max_steps))
+    out.append(_section("Attention", lambda: maps_html(trace, max_maps, max_steps)))
+    out.append(_section("KV cache", lambda: cache_html(trace)))
     if trace.meta.notes:
         out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in trace.meta.notes) + "</ul>")
     out.append("</body></html>")
     text = "\n".join(out)
-    if path is not None:
-        Path(path).write_text(text, encoding="utf-8")
-    return text
+    if path is None:
+        return text
+    Path(path).write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def trace_summary_html(trace: Trace) -> str:
@@ -332,7 +260,7 @@ def trace_summary_html(trace: Trace) -> str:
         ("steps", s["steps"]), ("new tokens", s["new_tokens"]), ("stop reasons", ", ".join(s["stop_reasons"])),
         ("time", f"{s['time_s']} s"), ("attention layers", s["attention_layers"]),
     ]
-    rows += [(f"generated[{b}]", _short(t, 200)) for b, t in enumerate(s["generated_text"][:4])]
+    rows += [(f"generated[{b}]", _short(display_text(trace, b), 200)) for b in range(min(trace.batch_size, 4))]
     if s["cache"]:
         c = s["cache"]
         rows.append(("cache", f"{c['cache_class']}, {c['layers']} layers, final length {c['final_seq_len']}, "
@@ -347,50 +275,74 @@ def trace_summary_html(trace: Trace) -> str:
 # ======================================================================================
 
 
+def _short(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def trace_to_perfetto(trace: Trace, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def _str(x: Any, limit: int = 200) -> str:
+    """Text for the timeline: controls and lone surrogates escaped (valid UTF-8 JSON)."""
+    return terminal_safe(x, limit)
+
+
+def _count(a: Any) -> int:
+    """A non-negative count from a recorded value (0 where it is not one)."""
+    try:
+        v = int(np.asarray(a).ravel()[0]) if np.ndim(a) else int(a)
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return 0
+    return v if 0 <= v < 2**53 else 0
+
+
+def trace_to_perfetto(trace: Trace, path: str | os.PathLike[str] | None = None) -> dict[str, Any] | Path:
     """Chrome trace-event JSON (open in ui.perfetto.dev or chrome://tracing): one complete
     event per step laid back to back from the recorded ``time_s`` (microseconds), instant events
-    where sequences stop, and a KV-cache bytes counter.  Written to ``path`` if given."""
+    where sequences stop, and a KV-cache bytes counter.  Without ``path`` the document is
+    returned; with ``path`` it is written there and the path is returned."""
     pid, tid = 1, 1
     events: list[dict[str, Any]] = [
         {"name": "process_name", "ph": "M", "pid": pid, "tid": tid,
-         "args": {"name": f"tracer: {trace.meta.model_name or 'trace'}"}},
+         "args": {"name": f"tracer: {_str(trace.meta.model_name or 'trace')}"}},
         {"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": "generate"}},
     ]
     ts = 0.0
+    nbytes = None if trace.cache is None else np.asarray(trace.cache.nbytes)
     for i, step in enumerate(trace.steps):
         # a step longer than a day is not a timing (a hostile or corrupt file): show it as 0
-        dur = step.time_s * 1e6 if math.isfinite(step.time_s) and 0 < step.time_s < 86_400 else 0.0
-        chosen = [int(c) for c in step.chosen]
+        t = float(step.time_s)
+        dur = t * 1e6 if math.isfinite(t) and 0 < t < 86_400 else 0.0
+        chosen = [int(c) for c in np.asarray(step.chosen).ravel()]
+        shape = np.shape(step.inputs.input_ids)
         args: dict[str, Any] = {
             "step": int(step.index),
-            "query_tokens": int(np.shape(step.inputs.input_ids)[1]),
-            "cache_len_before": int(step.inputs.cache_len_before),
+            "query_tokens": int(shape[1]) if len(shape) == 2 else 0,
+            "cache_len_before": _count(step.inputs.cache_len_before),
             "chosen_ids": chosen,
-            "chosen_tokens": [_tok(trace, c) for c in chosen],
-            "chosen_prob": [_finite(float(p)) for p in step.chosen_prob],
-            "active": [bool(a) for a in step.active],
+            "chosen_tokens": [piece_of(trace, c).display for c in chosen],
+            "chosen_prob": [_finite(float(p)) for p in np.asarray(step.chosen_prob).ravel()],
+            "active": [bool(a) for a in np.asarray(step.active).ravel()],
         }
-        reasons = {str(b): r for b, r in enumerate(step.stop_reasons) if r is not None}
+        reasons = {str(b): _str(r) for b, r in enumerate(step.stop_reasons) if r is not None}
         if reasons:
             args["stop_reasons"] = reasons
         events.append({
-            "name": "prefill" if step.index == 0 else f"decode step {step.index}",
+            "name": "prefill" if step.index == 0 else f"decode step {int(step.index)}",
             "cat": step.kind, "ph": "X", "ts": ts, "dur": dur, "pid": pid, "tid": tid, "args": args,
         })
         for b, r in reasons.items():
             events.append({"name": f"stop seq {b}: {r}", "cat": "stop", "ph": "i", "s": "t",
                            "ts": ts + dur, "pid": pid, "tid": tid})
-        if trace.cache is not None and i < trace.cache.nbytes.shape[0]:
+        if nbytes is not None and nbytes.ndim == 2 and i < nbytes.shape[0]:
             events.append({"name": "kv cache bytes", "ph": "C", "ts": ts + dur, "pid": pid,
-                           "args": {"bytes": int(trace.cache.nbytes[i].sum())}})
+                           "args": {"bytes": int(nbytes[i].sum(dtype=np.float64))}})
         ts += dur
     doc = {"traceEvents": events, "displayTimeUnit": "ms",
-           "otherData": {"model": trace.meta.model_name, "status": trace.meta.status}}
-    if path is not None:
-        Path(path).write_text(json.dumps(doc, allow_nan=False), encoding="utf-8")
-    return doc
+           "otherData": {"model": _str(trace.meta.model_name), "status": _str(trace.meta.status),
+                         "backend": _str(backend_of(trace))}}
+    if path is None:
+        return doc
+    Path(path).write_text(json.dumps(doc, allow_nan=False, ensure_ascii=False), encoding="utf-8")
+    return Path(path)

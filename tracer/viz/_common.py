@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..text import html_text, piece_of
+from .shared import figure_png
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -46,9 +46,7 @@ def _seq_steps(trace: Trace, seq: int) -> list[int]:
 
 
 def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def _new_figure(**kw: Any) -> Figure:

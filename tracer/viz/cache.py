@@ -29,7 +29,9 @@ def _require_cache(trace: Trace) -> Any:
     return trace.cache
 
 
-def _cache_series(trace: Trace) -> dict[str, np.ndarray]:
+def cache_series(trace: Trace) -> dict[str, np.ndarray]:
+    """Per step `(S,)` byte series: "measured", "predicted" (the memory model on kept
+    positions), and where they differ "predicted (allocated)" and "predicted without GQA"."""
     c = _require_cache(trace)
     out = {"measured": c.total_bytes, "predicted": c.predicted_bytes()}
     if not np.array_equal(c.allocated_len, c.kept_len):
@@ -43,7 +45,7 @@ def _cache_series(trace: Trace) -> dict[str, np.ndarray]:
 def cache_text(trace: Trace) -> str:
     """The cache timeline as a table: per step lengths and measured vs predicted bytes."""
     c = _require_cache(trace)
-    series = _cache_series(trace)
+    series = cache_series(trace)
     lines = [
         f"{c.cache_class}: {c.num_layers} layers ({', '.join(sorted({i.kind for i in c.layers}))}), "
         f"kv_heads={c.layers[0].kv_heads if c.layers else '?'}, head_dim={c.layers[0].head_dim if c.layers else '?'}, "
@@ -82,7 +84,7 @@ def cache_growth_figure(trace: Trace) -> Figure:
     a1.set_title(f"{c.cache_class}: length per layer\n({c.num_layers} layers{', all equal' if same else ''})", fontsize=10)
     if c.num_layers <= 8:
         a1.legend(fontsize=7)
-    for name, ys in _cache_series(trace).items():
+    for name, ys in cache_series(trace).items():
         style = {"measured": dict(lw=2.5, color="black"), "predicted": dict(lw=1.2, ls="--", color=_CHOSEN)}.get(name, dict(lw=1, ls=":"))
         a2.plot(steps, ys, label=name, marker="." if name == "measured" else None, **style)
     a2.set_xlabel("step")
@@ -108,7 +110,7 @@ def cache_growth(trace: Trace) -> Any:
             fig.add_scatter(x=steps, y=c.kept_len[:, i].tolist(), name=f"layer {i} kept", mode="lines", row=1, col=1, legendgroup="len", showlegend=c.num_layers <= 8)
             if not np.array_equal(c.allocated_len[:, i], c.kept_len[:, i]):
                 fig.add_scatter(x=steps, y=c.allocated_len[:, i].tolist(), name=f"layer {i} allocated", mode="lines", line=dict(dash="dash"), row=1, col=1, showlegend=False)
-        for name, ys in _cache_series(trace).items():
+        for name, ys in cache_series(trace).items():
             fig.add_scatter(x=steps, y=ys.tolist(), name=name, mode="lines+markers" if name == "measured" else "lines", row=1, col=2)
         fig.update_xaxes(title_text="step")
         fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..records import TraceFormatError, stack_rows
+from ..records import TraceFormatError, blob_key, stack_rows
 from ..text import Piece, escape_bytes, html_text, is_blank, pieces, visible
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,9 +27,12 @@ __all__ = [
     "prob_color",
     "heat_rgb",
     "png_bytes",
+    "figure_png",
     "whole_maps",
     "map_read_plan",
+    "BlockReader",
     "token_span",
+    "top_candidates",
     "run_pieces",
     "backend_of",
     "missing_note",
@@ -78,18 +81,81 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def figure_png(fig: Any, dpi: int = 90) -> bytes:
+    """PNG of a matplotlib figure (the views' static form)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------------------
 # Whole attention maps
 # --------------------------------------------------------------------------------------
 
 
-def map_read_plan(trace: Trace, layer: int, max_elements: int | None) -> int:
-    """Row stride that keeps the prefill block read of ``layer`` under ``max_elements``
-    (1: read it all).  Uses the blob's shape only (nothing is read)."""
+class BlockReader:
+    """Reads rows of ``attention/<step>/<layer>`` blobs for one sequence.
+
+    For a trace loaded from a file it slices the safetensors file (only the rows asked for are
+    read, so a huge blob costs what the view shows, not its size); otherwise it reads through
+    ``trace.attention`` (one ``blobs.get`` per call).  Shapes are checked against the trace:
+    a blob of the wrong rank, batch or head count is a :class:`TraceFormatError`."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self._file: Any = None
+        self._last: tuple[str, np.ndarray] | None = None  # in-memory path: one get per blob
+        path = getattr(trace.blobs, "path", None)
+        if path is not None and type(trace.blobs).__name__ == "SafetensorsStore":
+            try:
+                import safetensors
+
+                self._file = safetensors.safe_open(str(path), framework="numpy")
+            except Exception:  # unreadable: fall back to the store's own reads
+                self._file = None
+
+    def shape(self, step: int, layer: int) -> tuple[int, ...]:
+        key = blob_key("attention", step, layer)
+        if key not in self.trace.blobs:
+            raise KeyError(f"nothing recorded under {key!r}")
+        if self._file is not None:
+            try:
+                shape = tuple(int(d) for d in self._file.get_slice(key).get_shape())
+            except Exception as exc:
+                raise TraceFormatError(f"cannot read the shape of {key} ({exc})") from None
+        else:
+            shape = tuple(self._get(step, layer).shape)
+        t = self.trace
+        if len(shape) != 4 or shape[0] != t.batch_size or shape[1] != len(t.attention_heads):
+            raise TraceFormatError(f"{key} has shape {shape}, expected (batch {t.batch_size}, heads "
+                                   f"{len(t.attention_heads)}, q, k)")
+        return shape
+
+    def rows(self, step: int, layer: int, seq: int, start: int, stop: int, stride: int = 1) -> np.ndarray:
+        """`(H_rec, R, T)` float32: query rows ``start:stop:stride`` of sequence ``seq``."""
+        key = blob_key("attention", step, layer)
+        if self._file is not None:
+            try:
+                block = self._file.get_slice(key)[seq : seq + 1, :, start:stop:stride, :][0]
+            except Exception as exc:
+                raise TraceFormatError(f"cannot read {key} ({exc})") from None
+        else:
+            block = self._get(step, layer)[seq, :, start:stop:stride, :]
+        return _as_float(block)
+
+    def _get(self, step: int, layer: int) -> np.ndarray:
+        key = blob_key("attention", step, layer)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.trace.attention(step, layer))
+        return self._last[1]
+
+
+def map_read_plan(trace: Trace, layer: int, max_elements: int | None, reader: BlockReader | None = None) -> int:
+    """Row stride that keeps the read of the prefill block of ``layer`` (one sequence) under
+    ``max_elements`` (1: read it all).  Uses the blob's shape only (nothing is read)."""
     if max_elements is None:
         return 1
-    block = trace.attention(0, layer)
-    _, heads, q, t = (int(d) for d in block.shape)
+    _, heads, q, t = (reader or BlockReader(trace)).shape(0, layer)
     return max(1, math.ceil(heads * q * t / max(max_elements, 1)))
 
 
@@ -101,6 +167,7 @@ def whole_maps(
     upto_step: int | None = None,
     heads: Sequence[int] | None = None,
     row_stride: int = 1,
+    reader: BlockReader | None = None,
 ) -> np.ndarray:
     """`(N, T_rows, T)` float32: the whole lower-triangular map of each recorded head in
     ``heads`` (default: all), assembled from the prefill matrix and the new query row of each
@@ -120,15 +187,16 @@ def whole_maps(
             raise KeyError(f"heads {missing} were not recorded (recorded: {recorded})")
         idx = [recorded.index(h) for h in heads]
     last = trace.num_steps - 1 if upto_step is None else int(upto_step)
-    if not 0 <= last < max(trace.num_steps, 1) or trace.num_steps == 0:
+    if trace.num_steps == 0 or not 0 <= last < trace.num_steps:
         raise IndexError(f"step {last} out of range: the trace has {trace.num_steps} steps")
-    first = trace.attention(0, layer)  # shape-checked (batch, heads)
-    rows = [_as_float(first[seq][idx][:, :: max(int(row_stride), 1), :])]
+    reader = reader or BlockReader(trace)
+    q0 = reader.shape(0, layer)[2]
+    rows = [reader.rows(0, layer, seq, 0, q0, max(int(row_stride), 1))[idx]]
     for s in range(1, last + 1):
-        block = trace.attention(s, layer)
-        if block.shape[2] < 1:
+        q = reader.shape(s, layer)[2]
+        if q < 1:
             raise TraceFormatError(f"attention/{s}/{layer} has no query row")
-        rows.append(_as_float(block[seq][idx][:, -1:, :]))  # the new query row
+        rows.append(reader.rows(s, layer, seq, q - 1, q)[idx])  # the new query row
     n = rows[0].shape[0]
     width = max(r.shape[-1] for r in rows)
     out = np.zeros((n, sum(r.shape[1] for r in rows), width), dtype=np.float32)
@@ -142,6 +210,13 @@ def _as_float(a: Any) -> np.ndarray:
         return np.asarray(a, dtype=np.float32)
     except (TypeError, ValueError) as exc:  # e.g. a complex or structured blob
         raise TraceFormatError(f"attention blob of dtype {getattr(a, 'dtype', '?')} is not numeric: {exc}") from None
+
+
+def top_candidates(trace: Trace, top: Any, seq: int) -> tuple[list[int], np.ndarray, int]:
+    """The candidates of a top-k row that are still candidates (masked ones, at -inf, left
+    out): their ids, probabilities, and how many were masked."""
+    keep = np.isfinite(np.asarray(top.values[seq], dtype=np.float64))
+    return [int(i) for i in np.asarray(top.ids[seq])[keep]], np.asarray(top.probs[seq])[keep], int((~keep).sum())
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..records import StepRecord, Trace
 
 from ..text import Piece, running_text, token_pieces
-from .shared import run_pieces, token_span
+from .shared import run_pieces, token_span, top_candidates
 from ._common import (
     _CHOSEN,
     _CLASSES,
@@ -46,13 +46,6 @@ def _slots(inp: Any) -> list[int] | None:
     if slots is None:
         slots = getattr(inp, "cache_position", None)
     return None if slots is None else np.asarray(slots).ravel().tolist()
-
-
-def top_candidates(trace: Trace, top: Any, seq: int) -> tuple[list[int], np.ndarray, int]:
-    """The candidates of a top-k row that are still candidates (masked ones, at -inf, left
-    out): their ids, probabilities, and how many were masked."""
-    keep = np.isfinite(top.values[seq])
-    return [int(i) for i in top.ids[seq][keep]], top.probs[seq][keep], int((~keep).sum())
 
 
 def _processor_rows(step: StepRecord, seq: int) -> list[dict[str, Any]]:
