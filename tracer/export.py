@@ -176,8 +176,7 @@ def _meta_rows(trace: Trace) -> list[tuple[str, str]]:
                   f"hidden {m.hidden_size}, vocab {m.vocab_size}"),
         ("dtype / device", f"{m.dtype} on {m.device}, attention {m.attn_implementation}"),
         ("status", f"{m.status}" + (f" — {m.error}" if m.error else "")),
-        ("terminators", ", ".join(f"{k}: {piece_of(trace, k).display if isinstance(k, int) else k} ({v!r})"
-                                  for k, v in (m.terminators.items() if isinstance(m.terminators, dict) else []))),
+        ("terminators", ", ".join(f"{k}: {v}" for k, v in (m.terminators.items() if isinstance(m.terminators, dict) else []))),
         ("created", m.created),
         ("versions", ", ".join(f"{k} {v}" for k, v in (m.versions.items() if isinstance(m.versions, dict) else []))),
         ("batch / prompt / steps", f"{trace.batch_size} / {trace.prompt_len} / {trace.num_steps}, "

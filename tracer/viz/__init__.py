@@ -48,6 +48,7 @@ from .attention import (
     head_map_figure,
     head_stats_text,
 )
+from .shared import backend_of, missing_note
 from .cache import cache_growth, cache_growth_figure, cache_text
 from .steps import (
     _step_explorer_class,
@@ -86,11 +87,15 @@ def show(trace: Trace, seq: int = 0) -> Any:
     tabs: list[tuple[str, Any]] = [("steps", step_explorer(trace, seq)), ("tokens", token_strip(trace, seq))]
     if trace.attention_layers and trace.attention_heads:
         tabs.append(("attention", attention_grid(trace, 0, seq)))
+    elif backend_of(trace) != "transformers":
+        tabs.append(("attention", W.HTML(_esc(missing_note(trace, "attention maps")))))
     if any(s.attention_stats is not None for s in trace.steps):
         img = W.Image(value=_png(attention_sinks_figure(trace, seq)), format="png")
         tabs.append(("heads", W.VBox([img, W.HTML("<pre>" + _esc(head_stats_text(trace, seq=seq)) + "</pre>")])))
     if trace.cache is not None:
         tabs.append(("cache", cache_growth(trace)))
+    elif backend_of(trace) != "transformers":
+        tabs.append(("cache", W.HTML(_esc(missing_note(trace, "cache timeline")))))
     if any(s.logit_lens is not None for s in trace.steps):
         tabs.append(("logit lens", logit_lens(trace, seq)))
     tab = W.Tab(children=[w for _, w in tabs])

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from ..records import TraceFormatError
 from ..text import token_pieces
-from .shared import whole_maps
+from .shared import backend_of, missing_note, whole_maps
 from ._common import (
     _CLASSES,
     _annotate,
@@ -29,7 +29,8 @@ from ._common import (
 
 def _require_attention(trace: Trace) -> None:
     if not trace.attention_layers or not trace.attention_heads:
-        raise KeyError("no attention maps recorded (RecordConfig(attention=True))")
+        what = "attention maps" + (" (RecordConfig(attention=True))" if backend_of(trace) == "transformers" else "")
+        raise KeyError(missing_note(trace, what))
 
 
 def _position_labels(trace: Trace, seq: int, n: int) -> list[str]:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..records import Trace
 
+from .shared import missing_note
 from ._common import (
     _CHOSEN,
     _esc,
@@ -25,7 +26,7 @@ from ._common import (
 
 def _require_cache(trace: Trace) -> Any:
     if trace.cache is None:
-        raise KeyError("no cache timeline recorded")
+        raise KeyError(missing_note(trace, "cache timeline"))
     return trace.cache
 
 
@@ -43,7 +44,10 @@ def cache_series(trace: Trace) -> dict[str, np.ndarray]:
 
 
 def cache_text(trace: Trace) -> str:
-    """The cache timeline as a table: per step lengths and measured vs predicted bytes."""
+    """The cache timeline as a table: per step lengths and measured vs predicted bytes (or
+    one line saying it was not recorded, e.g. "not recorded by this backend")."""
+    if trace.cache is None:
+        return missing_note(trace, "cache timeline")
     c = _require_cache(trace)
     series = cache_series(trace)
     lines = [

@@ -224,7 +224,7 @@ def top_candidates(trace: Trace, top: Any, seq: int) -> tuple[list[int], np.ndar
 # --------------------------------------------------------------------------------------
 
 MARK_STYLE = "color:#9a9a9a;user-select:none"
-PART_STYLE = "color:#7a5c00;font-size:.85em;user-select:none"
+PART_STYLE = "color:#a07820;font-size:.62em;vertical-align:sub;user-select:none"
 
 
 def token_span(piece: Piece, *, style: str = "", title: str = "", cls: str = "tok") -> str:

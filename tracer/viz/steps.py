@@ -48,6 +48,12 @@ def _slots(inp: Any) -> list[int] | None:
     return None if slots is None else np.asarray(slots).ravel().tolist()
 
 
+def _quoted(items: list[str]) -> str:
+    """A list of display strings (already escaped by :mod:`tracer.text`) without repr's
+    doubled backslashes."""
+    return "[" + ", ".join(f"'{x}'" for x in items) + "]"
+
+
 def _processor_rows(step: StepRecord, seq: int) -> list[dict[str, Any]]:
     return [
         {
@@ -77,7 +83,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     ids = [int(i) for i in inp.input_ids[seq]]
     lines.append("inputs:")
     lines.append(f"  input_ids      {ids}")
-    lines.append(f"  tokens         {token_pieces(trace, ids)}")
+    lines.append(f"  tokens         {_quoted(token_pieces(trace, ids))}")
     pos = None if inp.position_ids is None else inp.position_ids[seq].tolist()
     lines.append(f"  position_ids   {pos}  (as fed to forward)")
     lines.append(f"  cache slots    {_slots(inp)}  (computed from the cache length)")
@@ -85,9 +91,11 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     chosen = int(rec.chosen[seq])
     argmax = int(rec.final.ids[seq, 0])
     how = "sampled" if rec.sampled else "argmax"
+    own = _tok(trace, chosen)
+    shown = gen[-1].display + ("" if gen[-1].display == own else f" (token bytes '{own}')")
     lines.append(
-        f"chosen: {chosen} {_tok(trace, chosen)!r}  p={float(rec.chosen_prob[seq]):.4f}  "
-        f"rank {int(rec.stages[-1].chosen_rank[seq])}  ({how}; argmax {argmax} {_tok(trace, argmax)!r})"
+        f"chosen: {chosen} '{shown}'  p={float(rec.chosen_prob[seq]):.4f}  "
+        f"rank {int(rec.stages[-1].chosen_rank[seq])}  ({how}; argmax {argmax} '{_tok(trace, argmax)}')"
     )
     lines.append("processors:")
     header = f"  {'name':<34} {'params':<28} {'masked':>6} {'KL':>8}  rank      prob"
@@ -100,7 +108,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     lines.append("top-k per stage (prob):")
     for st in rec.stages:
         ids_k, probs, masked = top_candidates(trace, st.top, seq)
-        cells = [("*" if i == chosen else "") + f"{_tok(trace, i)!r}:{p:.3f}" for i, p in zip(ids_k, probs)]
+        cells = [("*" if i == chosen else "") + f"'{_tok(trace, i)}':{p:.3f}" for i, p in zip(ids_k, probs)]
         if masked:
             cells.append(f"+{masked} masked")
         lines.append(f"  {st.name:<34} " + "  ".join(cells))
