@@ -30,6 +30,7 @@ __all__ = [
     "Broken",
     "visible",
     "terminal_safe",
+    "safe_lines",
     "html_text",
     "escape_bytes",
     "is_blank",
@@ -99,6 +100,12 @@ def terminal_safe(s: Any, limit: int | None = None) -> str:
     return text
 
 
+def safe_lines(s: Any) -> str:
+    """Multi-line text for a notebook or terminal: like :func:`terminal_safe` but newlines
+    and tabs kept."""
+    return "".join(_escape_char(c) if (_unsafe(c) and c not in "\n\t") else c for c in str(s))
+
+
 def html_text(s: Any) -> str:
     """``s`` escaped for HTML text or a quoted attribute; lone surrogates and controls other
     than newline and tab are written as visible escapes (so the page always encodes as UTF-8)."""
@@ -144,8 +151,8 @@ class Piece:
     def running(self) -> str:
         """This token in running text: its whole characters, plus escaped :class:`Broken`
         bytes (bytes completed by a later token are left to that token)."""
-        return "".join(escape_bytes(p) if isinstance(p, Broken) else p for p in self.parts if not
-                       (isinstance(p, bytes) and not isinstance(p, Broken)))
+        return safe_lines("".join(escape_bytes(p) if isinstance(p, Broken) else p for p in self.parts if not
+                                  (isinstance(p, bytes) and not isinstance(p, Broken))))
 
     @property
     def display(self) -> str:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..records import Trace
 
+from ..text import safe_lines
 from .shared import missing_note
 from ._common import (
     _CHOSEN,
@@ -63,7 +64,7 @@ def cache_text(trace: Trace) -> str:
             f"{s:>4} {span(c.seq_len[s]):>9} {span(c.kept_len[s]):>9} {span(c.allocated_len[s]):>9} "
             + " ".join(f"{int(series[n][s]):>22,}" for n in names)
         )
-    return "\n".join(lines)
+    return safe_lines("\n".join(lines))
 
 
 def cache_growth_figure(trace: Trace) -> Figure:

@@ -117,7 +117,7 @@ class BlockReader:
     def shape(self, step: int, layer: int) -> tuple[int, ...]:
         key = blob_key("attention", step, layer)
         if key not in self.trace.blobs:
-            raise KeyError(f"nothing recorded under {key!r}")
+            raise TraceFormatError(f"{key} is missing although the trace lists layer {layer} as recorded")
         if self._file is not None:
             try:
                 shape = tuple(int(d) for d in self._file.get_slice(key).get_shape())

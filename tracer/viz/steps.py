@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..records import StepRecord, Trace
 
-from ..text import Piece, running_text, token_pieces
+from ..text import Piece, running_text, safe_lines, token_pieces
 from .shared import run_pieces, token_span, top_candidates
 from ._common import (
     _CHOSEN,
@@ -76,7 +76,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     lines = [f"step {step} ({rec.kind}), sequence {seq}"]
     if not rec.active[seq]:
         lines.append(f"sequence {seq} had already finished ({trace.stop_reasons[seq]})")
-        return "\n".join(lines)
+        return safe_lines("\n".join(lines))
     prompt, gen = _text_so_far(trace, step, seq)
     lines.append("text: " + running_text(prompt) + running_text(gen[:-1]) + "[[" + gen[-1].display + "]]")
     inp = rec.inputs
@@ -114,7 +114,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
         lines.append(f"  {st.name:<34} " + "  ".join(cells))
     if rec.finished[seq]:
         lines.append(f"stop: {rec.stop_reasons[seq]}")
-    return "\n".join(lines)
+    return safe_lines("\n".join(lines))
 
 
 def _text_html(trace: Trace, step: int, seq: int) -> str:
