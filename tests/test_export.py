@@ -387,3 +387,47 @@ def test_map_rows_are_strided_above_the_budget(monkeypatch):
     full = np.mean([trace.head_map(0, h, 0) for h in trace.attention_heads], axis=0)
     expected = np.concatenate([full[:12][::3], full[12:]])  # every 3rd prefill row, then the decode rows
     np.testing.assert_array_equal(img, heat_rgb(expected))
+
+
+# --------------------------------------------------------------------------------------
+# the real embedded model, the seed's Chinese prompt
+# --------------------------------------------------------------------------------------
+
+
+def test_inspect_escapes_the_folder_name(tmp_path):
+    folder = save_trace(make_trace(), tmp_path / "\x1b[2J\x07evil\u202e.trace")
+    out = inspect_trace(folder)
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "\\x1b[2J\\x07evil\\u202e.trace" in out
+
+
+def test_chinese_prompt_on_the_embedded_model(embedded, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from tracer import viz
+    from tracer.config import RecordConfig
+    from tracer.hooks import trace_generate
+
+    from test_text import tokenizer_bytes
+
+    model, tok = embedded
+    trace = trace_generate(model, tok, "请介绍一下北京", system="你是一个乐于助人的助手。", max_new_tokens=24,
+                           record=RecordConfig(attention=True, attention_layers=[0, 29]))
+    if not getattr(trace, "token_bytes", None):  # before the core merge the recorder keeps no bytes
+        with_bytes(trace, tokenizer_bytes(tok, trace.token_text))
+    gen_ids = [int(i) for i in trace.generated_ids(0)]
+    assert any("\ufffd" in tok.decode([i]) for i in gen_ids), "no split character: the case is not exercised"
+    text = trace.generated_text[0]
+    assert "\ufffd" not in text
+    out = trace_to_html(trace, tmp_path / "zh.html").read_text(encoding="utf-8")
+    assert "\ufffd" not in out
+    terms = [tok.decode([i]) for i in gen_ids if i in trace.meta.terminators]
+    assert read_generated(out) == tok.decode(gen_ids, skip_special_tokens=False) == text + "".join(terms)
+    for s in range(trace.num_steps):
+        assert "\ufffd" not in viz.step_text(trace, s)
+    assert "\ufffd" not in viz.token_strip_html(trace)
+    steps = report.steps_table_html(trace, 0, 100)
+    assert "\ufffd" not in steps and "北" in steps
+    folder = save_trace(trace, tmp_path / "zh.trace")
+    monkeypatch.setattr(export, "load_trace", lambda path: trace)  # the saved file may not keep bytes yet
+    shown = inspect_trace(folder)
+    assert "\ufffd" not in shown and f"generated[0]: {text[:40]}" in shown.replace("\\x0a", "\n")
