@@ -178,6 +178,21 @@ def test_whole_maps_equal_head_map_for_every_step_and_head():
                     np.testing.assert_array_equal(got[i], trace.head_map(layer, h, seq, upto_step=step))
 
 
+def test_whole_maps_take_the_new_query_row_of_refed_decode_blocks():
+    """With use_cache=False every step re-feeds the whole sequence: a decode block then has
+    several query rows, and the new one is the last."""
+    trace = make_trace(batch=1, steps=4, layers=1, heads=2)
+    rng = np.random.default_rng(1)
+    for s in range(1, 4):
+        key = blob_key("attention", s, 0)
+        last = trace.blobs.get(key)
+        noise = rng.random((1, 2, 3, last.shape[-1])).astype(np.float16)
+        trace.blobs.put(key, np.concatenate([noise, last], axis=2))
+    got = whole_maps(trace, 0, 0)
+    for i, h in enumerate(trace.attention_heads):
+        np.testing.assert_array_equal(got[i], trace.head_map(0, h, 0))
+
+
 class CountingStore(MemoryStore):
     def __init__(self, inner):
         super().__init__({k: inner.get(k) for k in inner.keys()})
@@ -211,8 +226,9 @@ def test_attention_views_read_each_blob_once_per_step():
 
 def test_cache_section_shows_recorded_bytes():
     trace = make_trace(batch=2, steps=6)
-    out = report.cache_html(trace)
     c = trace.cache
+    trace.cache = c = replace(c, nbytes=c.nbytes + 64)  # measured: the memory model's bytes + 64 per layer
+    out = report.cache_html(trace)
     rows = re.findall(r"<tr>(<td class='num'>.*?)</tr>", out)
     assert len(rows) == c.seq_len.shape[0]
     for s, row in enumerate(rows):
@@ -220,6 +236,7 @@ def test_cache_section_shows_recorded_bytes():
         assert cells[0] == str(s) and cells[1] == str(int(c.seq_len[s, 0]))
         assert cells[4] == f"{int(c.total_bytes[s]):,}"  # measured
         assert cells[5] == f"{int(c.predicted_bytes()[s]):,}"  # predicted
+        assert int(c.total_bytes[s]) == int(c.predicted_bytes()[s]) + 64 * c.num_layers
     assert "measured" in out and "predicted" in out and "predicted without GQA" in out
     assert "KV cache" in trace_to_html(trace)
 

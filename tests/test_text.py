@@ -213,3 +213,10 @@ def test_running_text_joins_characters_and_escapes_only_broken_bytes():
     assert running_text(pieces(t, [5, 6, 8])) == "北!"
     assert running_text(pieces(t, [8, 5, 6, 7])) == "!北\\xe4\\xba"  # stopped mid-character
     assert running_text(pieces(t, [9, 8])) == "\\xff!"
+
+
+def test_running_text_escapes_lone_surrogates_and_controls_but_keeps_newlines():
+    from tracer.text import running_text
+
+    t = _T({1: "\ud800", 2: "a\nb\x1b"}, {})  # no bytes: the recorded texts
+    assert running_text(pieces(t, [1, 2])) == "\\ud800a\nb\\x1b"
