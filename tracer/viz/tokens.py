@@ -38,7 +38,10 @@ def logit_lens_matrix(trace: Trace, seq: int = 0, metric: str = "prob") -> tuple
     lenses = [trace.steps[s].logit_lens for s in steps]
     field = "chosen_prob" if metric == "prob" else "chosen_rank"
     mat = np.stack([getattr(ll, field)[:, seq] for ll in lenses], axis=1)  # type: ignore[union-attr]
-    labels = [_tok(trace, trace.steps[s].chosen[seq]) for s in steps]
+    _, gen = run_pieces(trace, seq)  # in context: a character split over tokens shown whole
+    at = {s: n for n, s in enumerate(_seq_steps(trace, seq))}
+    labels = [gen[at[s]].display if at.get(s, len(gen)) < len(gen) else _tok(trace, trace.steps[s].chosen[seq])
+              for s in steps]
     return mat, list(lenses[0].layers), steps, labels  # type: ignore[union-attr]
 
 
