@@ -234,8 +234,9 @@ def test_cache_section_shows_recorded_bytes():
     for s, row in enumerate(rows):
         cells = re.findall(r"<td class='num'>(.*?)</td>", row)
         assert cells[0] == str(s) and cells[1] == str(int(c.seq_len[s, 0]))
-        assert cells[4] == f"{int(c.total_bytes[s]):,}"  # measured
-        assert cells[5] == f"{int(c.predicted_bytes()[s]):,}"  # predicted
+        assert cells[4] == str(int(c.nbytes[s, 0]))  # per layer (all layers equal here)
+        assert cells[5] == f"{int(c.total_bytes[s]):,}"  # measured
+        assert cells[6] == f"{int(c.predicted_bytes()[s]):,}"  # predicted
         assert int(c.total_bytes[s]) == int(c.predicted_bytes()[s]) + 64 * c.num_layers
     assert "measured" in out and "predicted" in out and "predicted without GQA" in out
     assert "KV cache" in trace_to_html(trace)

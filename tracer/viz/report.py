@@ -259,7 +259,8 @@ def cache_html(trace: Trace, max_rows: int = 64) -> str:
             + f"batch {c.batch_size}, reused {c.reused_len} positions.  Predicted bytes: "
             "2 × Σ<sub>layers</sub> kv_heads × head_dim × kept positions × batch × bytes per element.</p>")
     names = list(series)
-    th = "".join(f"<th>{_e(x)}</th>" for x in ["step", "length (min–max over layers)", "kept", "allocated", *names])
+    th = "".join(f"<th>{_e(x)}</th>" for x in ["step", "length (min–max over layers)", "kept", "allocated",
+                                                          "bytes per layer (min–max)", *names])
     idx = list(range(n)) if n <= max_rows else sorted(set(np.linspace(0, n - 1, max_rows).round().astype(int).tolist()))
 
     def span(a: np.ndarray) -> str:
@@ -268,7 +269,7 @@ def cache_html(trace: Trace, max_rows: int = 64) -> str:
 
     rows = []
     for s in idx:
-        cells = [str(s), span(c.seq_len[s]), span(c.kept_len[s]), span(c.allocated_len[s])]
+        cells = [str(s), span(c.seq_len[s]), span(c.kept_len[s]), span(c.allocated_len[s]), span(c.nbytes[s])]
         cells += [f"{int(series[k][s]):,}" if s < len(series[k]) else "–" for k in names]
         rows.append("<tr>" + "".join(f"<td class='num'>{_e(x)}</td>" for x in cells) + "</tr>")
     note = "" if n <= max_rows else f"<p class='note'>{n} steps, {len(idx)} shown (evenly sampled).</p>"
