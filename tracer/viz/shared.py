@@ -105,8 +105,10 @@ class BlockReader:
         self.trace = trace
         self._file: Any = None
         self._last: tuple[str, np.ndarray] | None = None  # in-memory path: one get per blob
+        from ..storage import SafetensorsStore  # lazily: storage imports safetensors
+
         path = getattr(trace.blobs, "path", None)
-        if path is not None and type(trace.blobs).__name__ == "SafetensorsStore":
+        if path is not None and isinstance(trace.blobs, SafetensorsStore):
             try:
                 import safetensors
 
