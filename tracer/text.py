@@ -109,8 +109,7 @@ def safe_lines(s: Any) -> str:
 def html_text(s: Any) -> str:
     """``s`` escaped for HTML text or a quoted attribute; lone surrogates and controls other
     than newline and tab are written as visible escapes (so the page always encodes as UTF-8)."""
-    text = "".join(_escape_char(c) if (_unsafe(c) and c not in "\n\t") else c for c in str(s))
-    return html.escape(text, quote=True)
+    return html.escape(safe_lines(s), quote=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -151,8 +150,9 @@ class Piece:
     def running(self) -> str:
         """This token in running text: its whole characters, plus escaped :class:`Broken`
         bytes (bytes completed by a later token are left to that token)."""
-        return safe_lines("".join(escape_bytes(p) if isinstance(p, Broken) else p for p in self.parts if not
-                                  (isinstance(p, bytes) and not isinstance(p, Broken))))
+        out = [escape_bytes(p) if isinstance(p, Broken) else p for p in self.parts
+               if isinstance(p, (str, Broken))]
+        return safe_lines("".join(out))
 
     @property
     def display(self) -> str:
