@@ -449,3 +449,17 @@ def test_chinese_prompt_on_the_embedded_model(embedded, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "load_trace", lambda path: trace)  # the saved file may not keep bytes yet
     shown = inspect_trace(folder)
     assert "\ufffd" not in shown and f"generated[0]: {text[:40]}" in shown.replace("\\x0a", "\n")
+
+
+def test_step_explorer_panes_show_characters_in_context():
+    pytest.importorskip("ipywidgets")
+    pytest.importorskip("matplotlib")
+    from tracer import viz
+
+    trace = multibyte_trace("北", chunk=(2, 1))  # e5 8c | 97
+    w = viz.step_explorer(trace)
+    w.slider.value = 1  # the token completing 北
+    assert "<code>北</code> (token bytes <code>\\x97</code>)" in w.table_html.value
+    assert "北" in w.text_html.value and "\ufffd" not in w.text_html.value + w.inputs_html.value
+    w.slider.value = 0
+    assert "<code>\\xe5\\x8c</code>" in w.table_html.value

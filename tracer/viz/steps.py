@@ -159,8 +159,12 @@ def _table_html(trace: Trace, step: int, seq: int) -> str:
     chosen = int(rec.chosen[seq])
     argmax = int(rec.final.ids[seq, 0])
     how = "sampled" if rec.sampled else "argmax"
+    _, gen = _text_so_far(trace, step, seq)
+    shown = gen[-1].display if gen else _tok(trace, chosen)  # in context: a completed character whole
+    own = _tok(trace, chosen)
+    bytes_note = "" if shown == own else f" (token bytes <code>{_esc(own)}</code>)"
     head = (
-        f"<div><b>chosen</b> <code>{_esc(_tok(trace, chosen))}</code> (id {chosen}) "
+        f"<div><b>chosen</b> <code>{_esc(shown)}</code>{bytes_note} (id {chosen}) "
         f"p={float(rec.chosen_prob[seq]):.4f}, rank {int(rec.stages[-1].chosen_rank[seq])}, {how}; "
         f"argmax <code>{_esc(_tok(trace, argmax))}</code> (id {argmax})</div>"
     )
