@@ -101,7 +101,9 @@ def test_run_no_trace_default_prompts(tmp_path):
     raw = out.read_text(encoding="utf-8")
     data = json.loads(raw)
     assert [d["input"] for d in data] == list(DEFAULT_PROMPTS)
-    assert all(set(d) == {"input", "output"} and d["output"] for d in data)
+    # the seed's keys and the earlier lower-case ones, same values
+    assert all(set(d) == {"Input", "Output", "input", "output"} and d["output"] for d in data)
+    assert all(d["Input"] == d["input"] and d["Output"] == d["output"] for d in data)
     assert DEFAULT_PROMPTS[0] in raw and "\\u" not in raw  # non-ASCII kept as is
     assert raw.startswith("[\n  {")  # indent 2
     table = proc.stdout.splitlines()
