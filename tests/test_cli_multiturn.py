@@ -189,7 +189,7 @@ def test_progress_changes_no_output(cli_model, capsys, monkeypatch, traced):
     assert with_bar.token_ids == without.token_ids and len(with_bar.token_ids) > 0
     assert len(made) == 1 and made[0].count == with_bar.new_tokens  # one bar, one tick per new token
     err = capsys.readouterr().err
-    assert "prompt 1" in err and "tok" in err
+    assert "prompt 0" in err and "tok" in err  # the bar, named like the summary row
 
 
 def test_progress_auto_only_on_a_terminal():

@@ -64,7 +64,7 @@ def run_conversation(runner: Any, turns: Iterable[str], emit: Callable[[int, Res
                 notes.append(f"turn {index}: the re-rendered history differs from the cached tokens {where}; "
                              "prefilling the whole history from scratch")
         result, output = runner.generate(text, texts, inputs, kwargs, name=f"turn_{index:03d}",
-                                         desc=f"turn {index + 1}", extra=extra)
+                                         desc=f"turn {index}", extra=extra)
         result.notes[:0] = notes
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         sequence = output.sequences[0]

@@ -67,7 +67,7 @@ class Result:
 _JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners: parts of emoji and scripts
 
 
-def shown(value: Any, limit: int = 160) -> str:
+def shown(value: Any, limit: int = 300) -> str:
     """``value`` as one terminal-safe line: control and format characters escaped
     (``\\x1b``, ``\\n``, lone surrogates), long text shortened in the middle."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)

@@ -320,7 +320,7 @@ class Runner:
         self.current = f"prompt {index}"
         texts, inputs, kwargs = self.prepare(prompt, chat=self.args.with_prompt, system=self.args.system)
         result, _ = self.generate(prompt, texts, inputs, kwargs, name=f"prompt_{index:03d}",
-                                  desc=f"prompt {index + 1}")
+                                  desc=f"prompt {index}")
         return result
 
     def generate(self, prompt: str, texts: list[str], inputs: dict, kwargs: dict, *, name: str, desc: str,
