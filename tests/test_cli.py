@@ -304,3 +304,47 @@ def test_prompt_over_the_memory_budget_is_one_line(cli_model, tmp_path, capsys):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("tracer: error: prompt 0: recording this generation would take"), err
     assert "over the budget RecordConfig(max_bytes=2048.0 MiB)" in err[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Subcommands from other modules (tracer compare)
+# ------------------------------------------------------------------------------------------
+
+
+def test_extension_subcommand_is_registered(monkeypatch, capsys):
+    import types
+
+    import tracer.cli as cli
+
+    mod = types.ModuleType("tracer_fake_ext")
+
+    def add_compare_parser(sub):
+        p = sub.add_parser("compare", help="compare two traces")
+        p.add_argument("a")
+        p.add_argument("b")
+        p.set_defaults(func=lambda args: print(f"compared {args.a} {args.b}") or 0)
+
+    mod.add_compare_parser = add_compare_parser
+    monkeypatch.setitem(sys.modules, "tracer_fake_ext", mod)
+    monkeypatch.setattr(cli, "EXTENSIONS", (("tracer_fake_ext", "add_compare_parser", "compare"),))
+    assert main(["compare", "x.trace", "y.trace"]) == 0
+    assert capsys.readouterr().out == "compared x.trace y.trace\n"
+    assert main(["compare", "x.trace"]) == 2  # its argument errors are one line too
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("tracer: error: the following arguments are required: b")
+
+
+def test_absent_extension_is_no_command_and_broken_one_says_why(monkeypatch, capsys, tmp_path):
+    import tracer.cli as cli
+
+    monkeypatch.setattr(cli, "EXTENSIONS", (("tracer_no_such_module.cli", "add_compare_parser", "compare"),))
+    assert main(["compare", "a", "b"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "invalid choice: 'compare'" in err[0]
+
+    (tmp_path / "tracer_broken_ext.py").write_text("import tracer_missing_dependency\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "EXTENSIONS", (("tracer_broken_ext", "add_compare_parser", "compare"),))
+    assert main(["compare", "a", "b"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["tracer: error: tracer compare is not available: No module named 'tracer_missing_dependency'"]

@@ -116,7 +116,6 @@ def apply_preset(args: argparse.Namespace) -> None:
     for name, value in PRESETS[args.preset].items():
         if name not in explicit:
             setattr(args, name, value)
-    args.system_from_preset = "system" not in explicit
 
 
 def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
