@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/tracer run --with-prompt --max-new-tokens 48 --trace-dir runs/demo --predictions-file runs/demo/predictions.json
+	$(BIN)/tracer run --with-prompt --max-new-tokens 48 --progress --trace-dir runs/demo --predictions-file runs/demo/predictions.json
 
 test: venv
 	$(BIN)/python -m pytest -q

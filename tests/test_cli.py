@@ -101,7 +101,9 @@ def test_run_no_trace_default_prompts(tmp_path):
     raw = out.read_text(encoding="utf-8")
     data = json.loads(raw)
     assert [d["input"] for d in data] == list(DEFAULT_PROMPTS)
-    assert all(set(d) == {"input", "output"} and d["output"] for d in data)
+    # the seed's keys and the earlier lower-case ones, same values
+    assert all(set(d) == {"Input", "Output", "input", "output"} and d["output"] for d in data)
+    assert all(d["Input"] == d["input"] and d["Output"] == d["output"] for d in data)
     assert DEFAULT_PROMPTS[0] in raw and "\\u" not in raw  # non-ASCII kept as is
     assert raw.startswith("[\n  {")  # indent 2
     table = proc.stdout.splitlines()
@@ -189,3 +191,160 @@ def test_run_traced_with_attention_then_inspect(tmp_path):
     proc = run_cli("inspect", str(trace_dir / "prompt_000.trace"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+# ------------------------------------------------------------------------------------------
+# Nothing lost: incremental predictions, late failures, Ctrl-C (in-process, embedded model)
+# ------------------------------------------------------------------------------------------
+
+
+def test_predictions_writer_is_valid_json_after_every_answer(tmp_path, monkeypatch):
+    from tracer.cli import outputs
+
+    path = tmp_path / "p.json"
+    writer = outputs.PredictionsWriter(path)
+    for i in range(3):
+        writer.add(Result(f"q{i} 你好", f"a{i}", 1, "max_length", 0.1))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        assert [d["Input"] for d in data] == [f"q{j} 你好" for j in range(i + 1)]
+        assert [d["output"] for d in data] == [f"a{j}" for j in range(i + 1)]
+    # a write that fails half-way leaves the previous file whole (and no temporary file)
+    real_replace = os.replace
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "replace", broken_replace)
+    with pytest.raises(Exception, match="No space left on device"):
+        writer.add(Result("q3", "a3", 1, "max_length", 0.1))
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    assert len(json.loads(path.read_text(encoding="utf-8"))) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+@pytest.fixture
+def cli_model(embedded, monkeypatch):
+    """``tracer run`` in-process on the session's embedded model (no reload per test)."""
+    import tracer.models
+
+    monkeypatch.setattr(tracer.models, "load_model", lambda *a, **k: embedded)
+    return embedded
+
+
+def _fail_in_second_prompt(model, exc_type, decode_steps=2):
+    """A forward pre-hook raising ``exc_type`` at the second prompt's ``decode_steps``-th
+    decode forward (registered before tracing starts, so it runs before the tracer's hooks)."""
+    state = {"prefills": 0, "decodes": 0}
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids.shape[1] > 1:
+            state["prefills"] += 1
+        elif state["prefills"] == 2:
+            state["decodes"] += 1
+            if state["decodes"] == decode_steps:
+                raise exc_type("injected")
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _two_prompts(tmp_path):
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\nName a colour.\n", encoding="utf-8")
+    return data
+
+
+def test_ctrl_c_keeps_finished_answers_and_the_partial_trace(cli_model, tmp_path, capsys):
+    import tracer
+
+    model, _ = cli_model
+    out, traces = tmp_path / "out" / "p.json", tmp_path / "traces"
+    handle = _fail_in_second_prompt(model, KeyboardInterrupt)
+    try:
+        code = main(["run", "--with-prompt", "--data-file", str(_two_prompts(tmp_path)), "--max-new-tokens", "6",
+                     "--predictions-file", str(out), "--trace-dir", str(traces)])
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err.splitlines()
+    assert code == 130
+    assert len(err) == 1 and err[0].startswith("tracer: interrupted: 1 answer(s) finished, saved in"), err
+    assert f"the partial trace of prompt 1 is in {traces / 'prompt_001.trace'}" in err[0]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert [d["Input"] for d in data] == ["What is the capital of France?"] and "Paris" in data[0]["Output"]
+    assert tracer.load_trace(traces / "prompt_000.trace").meta.status == "complete"
+    partial = tracer.load_trace(traces / "prompt_001.trace")
+    assert partial.meta.status == "interrupted"
+    assert partial.num_steps == 2  # the prefill and one decode step ran before Ctrl-C
+    assert partial.stop_reasons == ["interrupted"]
+    assert (out.parent / "generation_config.json").is_file()
+
+
+def test_late_failure_keeps_finished_answers(cli_model, tmp_path, capsys):
+    model, _ = cli_model
+    out = tmp_path / "p.json"
+    handle = _fail_in_second_prompt(model, RuntimeError)
+    try:
+        code = main(["run", "--no-trace", "--with-prompt", "--data-file", str(_two_prompts(tmp_path)),
+                     "--max-new-tokens", "6", "--predictions-file", str(out)])
+    finally:
+        handle.remove()
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert code == 2
+    assert err == [f"tracer: error: prompt 1: RuntimeError: injected (1 finished answer(s) saved in {out})"]
+    assert [d["input"] for d in json.loads(out.read_text(encoding="utf-8"))] == ["What is the capital of France?"]
+    assert "Paris" in captured.out  # the finished answer was printed as it finished
+
+
+def test_prompt_over_the_memory_budget_is_one_line(cli_model, tmp_path, capsys):
+    data = tmp_path / "long.txt"
+    data.write_text("hello " * 2600 + "\n", encoding="utf-8")
+    code = main(["run", "--record-attention", "--data-file", str(data), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("tracer: error: prompt 0: recording this generation would take"), err
+    assert "over the budget RecordConfig(max_bytes=2048.0 MiB)" in err[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Subcommands from other modules (tracer compare)
+# ------------------------------------------------------------------------------------------
+
+
+def test_extension_subcommand_is_registered(monkeypatch, capsys):
+    import types
+
+    import tracer.cli as cli
+
+    mod = types.ModuleType("tracer_fake_ext")
+
+    def add_compare_parser(sub):
+        p = sub.add_parser("compare", help="compare two traces")
+        p.add_argument("a")
+        p.add_argument("b")
+        p.set_defaults(func=lambda args: print(f"compared {args.a} {args.b}") or 0)
+
+    mod.add_compare_parser = add_compare_parser
+    monkeypatch.setitem(sys.modules, "tracer_fake_ext", mod)
+    monkeypatch.setattr(cli, "EXTENSIONS", (("tracer_fake_ext", "add_compare_parser", "compare"),))
+    assert main(["compare", "x.trace", "y.trace"]) == 0
+    assert capsys.readouterr().out == "compared x.trace y.trace\n"
+    assert main(["compare", "x.trace"]) == 2  # its argument errors are one line too
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("tracer: error: the following arguments are required: b")
+
+
+def test_absent_extension_is_no_command_and_broken_one_says_why(monkeypatch, capsys, tmp_path):
+    import tracer.cli as cli
+
+    monkeypatch.setattr(cli, "EXTENSIONS", (("tracer_no_such_module.cli", "add_compare_parser", "compare"),))
+    assert main(["compare", "a", "b"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "invalid choice: 'compare'" in err[0]
+
+    (tmp_path / "tracer_broken_ext.py").write_text("import tracer_missing_dependency\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "EXTENSIONS", (("tracer_broken_ext", "add_compare_parser", "compare"),))
+    assert main(["compare", "a", "b"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["tracer: error: tracer compare is not available: No module named 'tracer_missing_dependency'"]

@@ -1,0 +1,118 @@
+"""What every ``tracer`` subcommand shares: the error type, one prompt's result, the summary
+table, the seed's defaults, and terminal-safe display of user-given text.
+
+No torch, no transformers: importing this keeps ``tracer --help`` fast.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+#: The seed script's two sample prompts (the default of ``tracer run``).
+DEFAULT_PROMPTS = ("为什么要减少污染，保护环境？", "你有什么建议？")
+
+#: The seed's ``DEFAULT_SYSTEM_PROMPT``: its ``generate_prompt`` puts it before every
+#: instruction when the chat template is applied (``--with-prompt``); ``--preset seed`` uses it.
+SEED_SYSTEM_PROMPT = "You are a helpful assistant. 你是一个乐于助人的助手。"
+
+#: Generation presets (``--preset NAME``); an explicit flag overrides any value here.
+#: ``seed``: the upstream script's ``GenerationConfig`` (near-greedy sampling, 400 tokens).
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {
+        "do_sample": True,
+        "temperature": 0.2,
+        "top_k": 40,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "max_new_tokens": 400,
+        "system": SEED_SYSTEM_PROMPT,
+    },
+}
+
+
+class CliError(Exception):
+    """An error reported as one ``tracer: error: ...`` line on stderr with exit status 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, with what was saved (printed on one line, exit status 130)."""
+
+
+@dataclass
+class Result:
+    """One prompt's outcome, for the summary table and the predictions file."""
+
+    prompt: str
+    output: str
+    new_tokens: int
+    stop_reason: str
+    time_s: float
+    notes: list[str] = field(default_factory=list)
+    token_ids: tuple[int, ...] = ()
+    """The generated token ids (new tokens only)."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.time_s if self.time_s > 0 else 0.0
+
+    def prediction(self) -> dict[str, str]:
+        """The predictions-file entry: the seed's ``Input``/``Output`` keys and the
+        lower-case ``input``/``output`` keys of earlier tracer versions (same values)."""
+        return {"Input": self.prompt, "Output": self.output, "input": self.prompt, "output": self.output}
+
+
+_JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners: parts of emoji and scripts
+
+
+def shown(value: Any, limit: int = 300) -> str:
+    """``value`` as one terminal-safe line: control and format characters escaped
+    (``\\x1b``, ``\\n``, lone surrogates), long text shortened in the middle."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs", "Zl", "Zp") or (cat == "Cf" and ch not in _JOINERS):
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if len(text) > limit:
+        half = (limit - 1) // 2
+        text = text[:half] + "…" + text[-half:]
+    return text
+
+
+def _truncate(text: str, width: int) -> str:
+    text = shown(" ".join(text.split()), 10_000)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def display_width(text: str) -> int:
+    """Terminal columns: East Asian wide/full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def format_summary(results: Sequence[Result], width: int = 32) -> str:
+    """A plain-text table: prompt, new tokens, stop reason, time, tokens/s."""
+    header = ("#", "prompt", "new tokens", "stop reason", "time s", "tokens/s")
+    rows = [
+        (str(i), _truncate(r.prompt, width), str(r.new_tokens), shown(r.stop_reason, 40), f"{r.time_s:.2f}",
+         f"{r.tokens_per_s:.1f}")
+        for i, r in enumerate(results)
+    ]
+    widths = [max(len(h), *(display_width(row[c]) for row in rows)) for c, h in enumerate(header)]
+    right = {0, 2, 4, 5}
+
+    def fmt(row: Sequence[str]) -> str:
+        cells = []
+        for c, cell in enumerate(row):
+            pad = " " * (widths[c] - display_width(cell))
+            cells.append(pad + cell if c in right else cell + pad)
+        return "  ".join(cells).rstrip()
+
+    lines = [fmt(header), "  ".join("-" * w for w in widths)]
+    lines += [fmt(row) for row in rows]
+    return "\n".join(lines)

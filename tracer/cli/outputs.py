@@ -1,0 +1,88 @@
+"""What ``tracer run`` writes: the predictions file (rewritten atomically after every answer),
+``generation_config.json`` beside it, and each prompt's trace files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .common import CliError, Result, shown
+
+__all__ = ["PredictionsWriter", "save_trace_files", "write_json_atomic"]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as UTF-8 JSON (indent 2, non-ASCII kept) to a temporary file in the same
+    folder, then ``os.replace`` it over ``path``: readers see the old file or the new one,
+    never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class PredictionsWriter:
+    """The predictions file, rewritten after each answer.
+
+    ``None`` as the path keeps the results in memory only.  The file is a JSON list of
+    ``{"Input", "Output", "input", "output"}`` (see :meth:`Result.prediction`) and is valid
+    JSON at every moment, so a late failure or Ctrl-C loses no finished answer.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.results: list[Result] = []
+
+    def add(self, result: Result) -> None:
+        self.results.append(result)
+        if self.path is not None:
+            try:
+                write_json_atomic(self.path, [r.prediction() for r in self.results])
+            except OSError as exc:
+                raise CliError(f"cannot write --predictions-file {shown(self.path)}: {exc.strerror or exc}") from None
+
+    def write_generation_config(self, config: dict[str, Any]) -> Path | None:
+        """``generation_config.json`` beside the predictions file (as the seed script writes)."""
+        if self.path is None:
+            return None
+        target = self.path.parent / "generation_config.json"
+        try:
+            write_json_atomic(target, config)
+        except OSError as exc:
+            raise CliError(f"cannot write {shown(target)}: {exc.strerror or exc}") from None
+        return target
+
+
+def save_trace_files(trace: Any, base: Path, *, exports: bool = True) -> list[str]:
+    """``base``.trace (+ .html and .perfetto.json when ``exports``); returns notes on skipped
+    exports.  An OS error while saving becomes :class:`CliError`."""
+    notes: list[str] = []
+    try:
+        trace.save(base.with_suffix(".trace"))
+    except OSError as exc:
+        raise CliError(f"cannot save trace {shown(base.with_suffix('.trace'))}: {exc.strerror or exc}") from None
+    if not exports:
+        return notes
+    for method, suffix in (("to_html", ".html"), ("to_perfetto", ".perfetto.json")):
+        try:
+            getattr(trace, method)(base.with_suffix(suffix))
+        except (AttributeError, NotImplementedError) as exc:
+            notes.append(f"skipped {method} for {base.name}: {exc or 'not implemented'}")
+        except OSError as exc:
+            raise CliError(f"cannot write {shown(base.with_suffix(suffix))}: {exc.strerror or exc}") from None
+    return notes
