@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export TRACER_CACHE_DIR ?= $(CURDIR)/.cache/tracer
 
-.PHONY: venv demo test bench browser
+.PHONY: venv demo test bench browser notebooks
 
 venv: $(STAMP)
 
@@ -33,3 +33,8 @@ bench: venv
 # tests/_artifacts/browser/. Part of `make test` whenever /usr/bin/chromium exists.
 browser: venv
 	$(BIN)/python tests/browser_check.py tests/_artifacts/browser
+
+# Re-execute the notebooks in place so the committed files show their outputs (figures, tables,
+# widget state).  Run after changing a notebook or anything it shows; commit the result.
+notebooks: venv
+	$(BIN)/python tools/execute_notebooks.py

@@ -4,7 +4,9 @@
 
 Serves a throw-away copy of ``notebooks/`` with JupyterLab on 127.0.0.1 (free port, token auth,
 throw-away settings, runtime and checkpoint folders), drives Debian's ``/usr/bin/chromium`` through
-the Python ``playwright`` package (never ``playwright install``), and for each notebook: Run All,
+the Python ``playwright`` package (never ``playwright install``), and for each notebook: open it as
+committed (stored outputs and figures must show before anything runs), then a copy with its outputs
+cleared: Run All,
 wait until every non-empty code cell has an execution count (or an error output appeared), check
 that no cell shows an error, that widgets and plotly figures rendered, and — in notebook 02 — that
 moving the step explorer's slider with the keyboard changes the text shown. A full-page screenshot
@@ -54,15 +56,25 @@ EXPECTED: dict[str, dict[str, int]] = {
         ".jp-OutputArea-output .jupyter-widgets": 1,
         ".jp-OutputArea-output .widget-slider [role=slider]": 2,  # live and reloaded explorer
         ".jp-OutputArea-output .js-plotly-plot": 2,  # their processor waterfalls (plotly FigureWidget)
-        ".jp-OutputArea-output img": 1,  # the cache growth figure
+        ".jp-OutputArea-output img": 2,  # the position strip and the cache growth figure
     },
     "03_attention.ipynb": {
         ".jp-OutputArea-output .jupyter-widgets": 1,
         ".jp-OutputArea-output .widget-slider [role=slider]": 1,  # the attention grid's step slider
         ".jp-OutputArea-output .widget-toggle-buttons": 1,
         ".jp-OutputArea-output .widget-image": 2,  # grid and enlarged head
-        ".jp-OutputArea-output img": 5,  # + the static figures
+        ".jp-OutputArea-output img": 7,  # + the static figures (KV growth, structure, grid, head, sinks, lens)
     },
+    "05_seed_script.ipynb": {
+        ".jp-OutputArea-output img": 1,  # the two-turn cache figure
+    },
+}
+#: What each notebook shows as committed (saved outputs, before anything runs): PNG figures.
+EXPECTED_SAVED: dict[str, int] = {
+    "01_tokenize.ipynb": 0,
+    "02_generate_loop.ipynb": 2,
+    "03_attention.ipynb": 5,
+    "05_seed_script.ipynb": 1,
 }
 
 
@@ -178,13 +190,24 @@ class Server:
                 self._log.close()
 
 
+def _write_cleared(src: Path, dst: Path) -> None:
+    nb = json.loads(src.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    nb.get("metadata", {}).pop("widgets", None)
+    dst.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
 @contextmanager
 def jupyterlab(notebooks: Path) -> Iterator[Server]:
     work = Path(tempfile.mkdtemp(prefix="tracer-browser-"))
     root = work / "notebooks"
     root.mkdir()
+    (root / "saved").mkdir()
     for nb in notebooks.glob("*.ipynb"):
-        shutil.copy2(nb, root / nb.name)
+        shutil.copy2(nb, root / "saved" / nb.name)  # as committed, outputs and widget state included
+        _write_cleared(nb, root / nb.name)  # what Run All executes: no stored output can stand in for a run
     server = Server(root, work)
     try:
         server.start()
@@ -291,6 +314,31 @@ def _move_step_explorer(page: Any, report: dict) -> None:
     report["slider"] = {"before": before[:120], "after_has_step_3": "model inputs, step 3" in after}
 
 
+def check_saved(browser: Any, server: Server, name: str) -> dict:
+    """Open the notebook as committed, without running it: its stored figures and outputs show."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{server.base}/lab/tree/saved/{name}?reset&token={server.token}", wait_until="domcontentloaded")
+        page.wait_for_function(f"({_JS_PANEL})() !== null", timeout=120_000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        page.wait_for_timeout(2000)
+        outputs = page.locator(".jp-OutputArea-output").count()
+        images = page.evaluate(
+            "() => [...document.querySelectorAll('.jp-OutputArea-output img')].filter(i => i.complete && i.naturalWidth).length"
+        )
+        errors = page.locator(f'.jp-RenderedText[data-mime-type="{ERROR_MIME}"]').count()
+        report = {"outputs": outputs, "images": images}
+        least = EXPECTED_SAVED.get(name, 0)
+        if not outputs or images < least or errors:
+            raise BrowserCheckError(
+                f"{name} as committed: {outputs} outputs, {images} images (expected >= {least}), {errors} errors"
+            )
+        return report
+    finally:
+        page.close()
+        server.shutdown_kernels()
+
+
 def check_notebook(browser: Any, server: Server, name: str, out_dir: Path, timeout: float) -> dict:
     report: dict[str, Any] = {"notebook": name}
     start = time.perf_counter()
@@ -367,7 +415,8 @@ def run_check(out_dir: Path | str = DEFAULT_OUT, names: list[str] | None = None,
         try:
             for name in names:
                 try:
-                    reports.append(check_notebook(browser, server, name, out_dir, timeout))
+                    saved = check_saved(browser, server, name)
+                    reports.append({**check_notebook(browser, server, name, out_dir, timeout), "saved": saved})
                 except Exception as exc:  # noqa: BLE001 - report every notebook, fail at the end
                     failures.append(f"{name}: {exc}")
         finally:
