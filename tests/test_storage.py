@@ -178,7 +178,8 @@ def test_storage_knows_every_record_field():
     known = {
         "TopK": ["ids", "values", "logsumexp"],
         "Stage": ["name", "params", "top", "n_masked", "chosen_rank", "chosen_logprob", "kl", "entropy"],
-        "StepInputs": ["input_ids", "position_ids", "cache_position", "attention_mask_shape", "cache_len_before"],
+        "StepInputs": ["input_ids", "position_ids", "cache_slots", "attention_mask_shape", "cache_len_before",
+                       "names", "attention_mask", "mask_padding", "logits_to_keep", "cache_class"],
         "AttentionStats": ["layers", "entropy", "sink", "argmax"],
         "LogitLens": ["layers", "chosen_rank", "chosen_prob", "top_id"],
         "StepRecord": ["index", "inputs", "stages", "chosen", "sampled", "active", "finished", "stop_reasons",
@@ -187,7 +188,9 @@ def test_storage_knows_every_record_field():
         "CacheTimeline": ["cache_class", "layers", "seq_len", "kept_len", "allocated_len", "nbytes", "batch_size",
                           "reused_len"],
         "Trace": ["meta", "prompts", "prompt_ids", "prompt_mask", "sequences", "steps", "cache", "token_text",
-                  "blobs", "residual_points", "attention_layers", "attention_heads", "kv_head_of", "output_text"],
+                  "blobs", "residual_points", "attention_layers", "attention_heads", "kv_head_of", "output_text",
+                  "token_bytes"],
+        "StopReason": ["kind", "token_id", "text"],
     }
     for name, fields in known.items():
         assert [f.name for f in dataclasses.fields(getattr(records, name))] == fields, name
