@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .blobs import BlobStore, MemoryStore, blob_key, parse_blob_key, stack_rows
+from .cache_records import CacheLayerInfo, CacheTimeline
 from .errors import MemoryBudgetError, NotSupportedError, TraceFormatError, TracerError, TracerWarning
+from .stops import STOP_KINDS, StopReason
 
 __all__ = [
-    "SCHEMA_VERSION", "StopReason", "TopK", "Stage", "ProcessorEffect", "StepInputs", "AttentionStats",
+    "SCHEMA_VERSION", "STOP_KINDS", "StopReason", "TopK", "Stage", "ProcessorEffect", "StepInputs", "AttentionStats",
     "LogitLens", "StepRecord", "CacheLayerInfo", "CacheTimeline", "BlobStore", "MemoryStore", "TraceMeta",
     "Trace", "blob_key", "parse_blob_key", "stack_rows", "replace",
     "TracerError", "NotSupportedError", "MemoryBudgetError", "TraceFormatError", "TracerWarning",
@@ -31,98 +34,6 @@ __all__ = [
 #: own major and refuses a newer major.  1.1: StopReason objects, inputs as fed (names, 2-D mask,
 #: logits_to_keep, cache class), ``cache_slots`` (was ``cache_position``), token bytes, backend.
 SCHEMA_VERSION = "1.1"
-
-
-# --------------------------------------------------------------------------------------
-# Stop reasons
-# --------------------------------------------------------------------------------------
-
-#: Every kind of :class:`StopReason`, in priority order: when several criteria fire for one
-#: sequence at one step, the first kind of this tuple is the reason recorded.
-STOP_KINDS = ("eos", "stop_token", "stop_string", "criteria", "max_time", "max_length", "abort", "interrupted")
-_PRIORITY = {kind: i for i, kind in enumerate(STOP_KINDS)}
-_TEXT_KINDS = ("eos", "stop_token", "stop_string")  # "kind:text" in the string form
-
-
-@dataclass(frozen=True, eq=False)
-class StopReason(str):
-    """Why one sequence stopped.
-
-    ``kind`` is one of :data:`STOP_KINDS`; ``token_id`` the terminator that fired (``eos`` /
-    ``stop_token``); ``text`` the terminator's text, the stop string, or the name of a custom
-    criterion.  A reason *is* its classic string form (``"eos:<|im_end|>"``, ``"max_length"``,
-    ``"stop_string:..."``): it compares, hashes, joins and serialises as that string, so code
-    written for string reasons keeps working; read the fields for anything else."""
-
-    kind: str
-    token_id: int | None = None
-    text: str | None = None
-
-    def __new__(cls, kind: str, token_id: int | None = None, text: str | None = None) -> "StopReason":
-        if kind not in _PRIORITY:
-            raise ValueError(f"unknown stop reason kind {kind!r} (one of {', '.join(STOP_KINDS)})")
-        if kind in _TEXT_KINDS:
-            form = kind if text is None else f"{kind}:{text}"
-        elif kind == "criteria" and text:
-            form = text
-        else:
-            form = kind
-        return super().__new__(cls, form)
-
-    def __getnewargs__(self) -> tuple[Any, ...]:  # copy / pickle rebuild from the fields
-        return (self.kind, self.token_id, self.text)
-
-    def __repr__(self) -> str:
-        return f"StopReason({str(self)!r})"
-
-    def __str__(self) -> str:
-        return str.__str__(self)
-
-    @property
-    def priority(self) -> int:
-        """Lower wins (see :data:`STOP_KINDS`)."""
-        return _PRIORITY[self.kind]
-
-    @classmethod
-    def parse(cls, value: "str | StopReason | Mapping[str, Any] | None") -> "StopReason | None":
-        """Read a reason from its string form (old trace files) or its JSON object."""
-        if value is None or isinstance(value, StopReason):
-            return value
-        if isinstance(value, Mapping):
-            token = value.get("token_id")
-            return cls(str(value["kind"]), None if token is None else int(token),
-                       None if value.get("text") is None else str(value["text"]))
-        text = str(value)
-        kind, sep, rest = text.partition(":")
-        if sep and kind in _TEXT_KINDS:
-            return cls(kind, None, rest)
-        if text in _PRIORITY:
-            return cls(text)
-        if text == "stopped":  # old files: a criterion fired that could not be named
-            return cls("criteria")
-        return cls("criteria", None, text)  # "confidence", a custom criterion's class name
-
-    @classmethod
-    def first(cls, reasons: "Sequence[StopReason]") -> "StopReason | None":
-        """The reason that wins when several fire at once: the one of lowest :attr:`priority`
-        (stable: among equals, the criterion listed first)."""
-        return min(reasons, key=lambda r: r.priority) if reasons else None
-
-    @classmethod
-    def from_last_token(cls, last_id: int | None, terminators: Mapping[int, str]) -> "StopReason":
-        """The reason of a finished plain (untraced) run: ``eos`` when its last token is a
-        terminator, else ``max_length``."""
-        if last_id is not None and int(last_id) in terminators:
-            return cls("eos", int(last_id), terminators[int(last_id)])
-        return cls("max_length")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "token_id": self.token_id, "text": self.text}
-
-    def same(self, other: "StopReason | None") -> bool:
-        """Field-by-field equality (``==`` compares the string forms only)."""
-        return isinstance(other, StopReason) and (self.kind, self.token_id, self.text) == (
-            other.kind, other.token_id, other.text)
 
 
 # --------------------------------------------------------------------------------------
@@ -318,146 +229,6 @@ class StepRecord:
                 )
             )
         return effects
-
-
-# --------------------------------------------------------------------------------------
-# KV cache
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CacheLayerInfo:
-    """Static facts of one cache layer."""
-
-    kind: str  # class name, e.g. "DynamicLayer", "StaticLayer", "DynamicSlidingWindowLayer"
-    dtype: str
-    device: str
-    kv_heads: int
-    head_dim: int
-    max_len: int | None  # allocated capacity (static) or window (sliding); None: grows
-
-
-@dataclass(frozen=True)
-class CacheTimeline:
-    """The KV cache after every step, per layer."""
-
-    cache_class: str
-    layers: tuple[CacheLayerInfo, ...]
-    seq_len: np.ndarray  # (S, L) int64, tokens seen by each layer (``get_seq_length``)
-    kept_len: np.ndarray  # (S, L) int64, positions actually held (sliding windows keep fewer)
-    allocated_len: np.ndarray  # (S, L) int64, positions the key tensor has room for
-    nbytes: np.ndarray  # (S, L) int64, measured bytes of keys + values
-    batch_size: int
-    reused_len: int  # positions already in the cache when this generate started (multi-turn)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def total_bytes(self) -> np.ndarray:
-        """`(S,)` measured bytes of the whole cache after each step."""
-        return self.nbytes.sum(axis=1)
-
-    def _elem_bytes(self) -> int:
-        if not self.layers:
-            return 0
-        name = _numpy_dtype_name(self.layers[0].dtype)
-        try:
-            return int(np.dtype(name).itemsize)
-        except TypeError:  # e.g. float8 kinds numpy cannot name: read the width from the name
-            digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
-            return max(int(digits or 8) // 8, 1)
-
-    def predicted_bytes(self, *, query_heads: int | None = None, allocated: bool = False) -> np.ndarray:
-        """`(S,)` bytes the memory model predicts: ``2 × Σ_layers kv_heads × head_dim × tokens ×
-        batch × bytes/elem``.  ``query_heads`` replaces ``kv_heads`` (what the cache would cost
-        without grouped-query attention); ``allocated`` counts allocated rather than kept slots."""
-        lengths = self.allocated_len if allocated else self.kept_len
-        per_token = np.array(
-            [(query_heads or info.kv_heads) * info.head_dim for info in self.layers], dtype=np.int64
-        )
-        return 2 * (lengths * per_token[None, :]).sum(axis=1) * self.batch_size * self._elem_bytes()
-
-    def summary(self, query_heads: int | None = None) -> dict[str, Any]:
-        last = -1
-        out = {
-            "cache_class": self.cache_class,
-            "layers": self.num_layers,
-            "layer_kinds": sorted({info.kind for info in self.layers}),
-            "kv_heads": self.layers[0].kv_heads if self.layers else None,
-            "head_dim": self.layers[0].head_dim if self.layers else None,
-            "dtype": self.layers[0].dtype if self.layers else None,
-            "reused_len": self.reused_len,
-            "final_seq_len": int(self.seq_len[last].max()) if self.seq_len.size else 0,
-            "measured_bytes": int(self.total_bytes[last]) if self.nbytes.size else 0,
-            "predicted_bytes": int(self.predicted_bytes(allocated=True)[last]) if self.nbytes.size else 0,
-        }
-        if query_heads and self.nbytes.size:
-            out["bytes_without_gqa"] = int(self.predicted_bytes(query_heads=query_heads, allocated=True)[last])
-        return out
-
-
-def _numpy_dtype_name(torch_dtype: str) -> str:
-    name = torch_dtype.replace("torch.", "")
-    return {"bfloat16": "float16"}.get(name, name)  # bf16 and fp16 are both 2 bytes
-
-
-# --------------------------------------------------------------------------------------
-# Large arrays: attention maps, full logits, hidden vectors, key/value snapshots
-# --------------------------------------------------------------------------------------
-
-
-class BlobStore(Protocol):
-    """Keyed large arrays; in memory while recording, memory-mapped when loaded from a file."""
-
-    def get(self, key: str) -> np.ndarray: ...
-
-    def keys(self) -> Iterator[str]: ...
-
-    def __contains__(self, key: object) -> bool: ...
-
-
-def blob_key(kind: str, step: int, layer: int | None = None) -> str:
-    """The one place blob keys are spelled: ``kind/step`` or ``kind/step/layer``.
-
-    Kinds: ``attention`` `(B, H_rec, Q, T)`, ``logits`` `(B, V)` raw full logits,
-    ``hidden`` `(B, D)` last-position residual after a decoder layer, ``keys`` / ``values``
-    `(B, kv_heads, T, head_dim)` cache snapshots."""
-    return f"{kind}/{step}" if layer is None else f"{kind}/{step}/{layer}"
-
-
-def parse_blob_key(key: str) -> tuple[str, int, int | None]:
-    parts = key.split("/")
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[1:]):
-        raise TraceFormatError(f"malformed blob key {key!r}")
-    return parts[0], int(parts[1]), (int(parts[2]) if len(parts) == 3 else None)
-
-
-class MemoryStore:
-    """A dict-backed :class:`BlobStore`."""
-
-    def __init__(self, data: dict[str, np.ndarray] | None = None):
-        self._data: dict[str, np.ndarray] = dict(data or {})
-
-    def get(self, key: str) -> np.ndarray:
-        try:
-            return self._data[key]
-        except KeyError:
-            raise KeyError(f"nothing recorded under {key!r}") from None
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        self._data[key] = value
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self._data))
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in self._data.values())
 
 
 # --------------------------------------------------------------------------------------
@@ -745,18 +516,6 @@ class Trace:
         from .export import trace_summary_html
 
         return trace_summary_html(self)
-
-
-def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
-    """`(ΣQ, T_max)`: attention row blocks of growing key length, stacked and zero-padded on
-    the right — the lower-triangular map of a whole generation."""
-    size = max(r.shape[-1] for r in rows)
-    out = np.zeros((sum(r.shape[0] for r in rows), size), dtype=np.float32)
-    i = 0
-    for r in rows:
-        out[i : i + r.shape[0], : r.shape[1]] = r
-        i += r.shape[0]
-    return out
 
 
 def replace(obj: Any, **changes: Any) -> Any:
