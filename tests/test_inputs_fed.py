@@ -80,7 +80,8 @@ def test_left_padded_batch_of_three_embedded(embedded):
     from tracer.session import encode_prompts
 
     model, tok = embedded
-    _, enc = encode_prompts(tok, ["What is the capital of France?", "Write one sentence about the sea and the wind over it.", "Hi"], chat=True)
+    prompts = ["What is the capital of France?", "Write one sentence about the sea and the wind over it.", "Hi"]
+    _, enc = encode_prompts(tok, prompts, chat=True)
     assert len(set(enc["attention_mask"].sum(1).tolist())) == 3
     spy = _Spy(model)
     try:
