@@ -263,3 +263,49 @@ def test_token_bytes_sentencepiece_byte_tokens():
             return "".join(self.vocab[i] for i in ids)
 
     assert token_bytes(SP(), [0, 1, 2, 3]) == {0: b"\xe5", 1: b" hello", 2: b"</s>", 3: b"\x9b"}
+
+
+# --------------------------------------------------------------------------------------
+# module hygiene
+# --------------------------------------------------------------------------------------
+
+# The views, export and CLI layers are checked by their own owners (export.py still imports
+# storage._jsonable / _trace_folder, kept as aliases: switch to tracer.manifest's public names).
+_OTHER_LAYERS = ("export.py", "cli.py", "viz")
+
+
+def test_no_core_module_imports_another_modules_private_names():
+    import ast
+
+    root = Path(__file__).parents[1] / "tracer"
+    found = set()
+    for path in root.rglob("*.py"):
+        rel = str(path.relative_to(root))
+        if rel.startswith(_OTHER_LAYERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:  # `from . import _mod` is a module
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.add((rel, node.module, alias.name))
+    assert not found, sorted(found)
+
+
+def test_no_core_module_over_about_500_lines():
+    root = Path(__file__).parents[1] / "tracer"
+    core = ["records.py", "recorder.py", "session.py", "storage.py", "encode.py", "decode.py", "manifest.py",
+            "assemble.py", "plan.py", "_hf_compat.py", "attention.py", "cache_inspector.py", "stops.py", "blobs.py",
+            "cache_records.py", "errors.py", "config.py", "testing.py", "models.py"]
+    sizes = {name: len((root / name).read_text(encoding="utf-8").splitlines()) for name in core}
+    assert max(sizes.values()) <= 530, sizes
+
+
+def test_hooks_module_still_exports_the_session_api():
+    import tracer
+    import tracer.hooks as hooks
+    import tracer.session as session
+
+    for name in ("trace", "trace_generate", "prepare_generate", "encode_prompts", "TraceSession",
+                 "default_terminators", "decoder_parts"):
+        assert getattr(hooks, name) is getattr(session, name)
+    assert tracer.trace is session.trace and tracer.TraceSession is session.TraceSession
