@@ -68,7 +68,7 @@ def test_batch_inputs_steps_and_stop(embedded):
     assert np.array_equal(trace.steps[0].inputs.input_ids, enc["input_ids"].numpy())
     for i, step in enumerate(trace.steps[1:], start=1):
         assert step.inputs.input_ids.shape == (3, 1)
-        assert step.inputs.cache_position.tolist() == [p + i - 1]
+        assert step.inputs.cache_slots.tolist() == [p + i - 1]
     # the short greeting ends its turn with <|im_end|>; that terminator is named
     assert trace.stop_reasons[2] == "eos:<|im_end|>"
     done = trace.steps.index(next(s for s in trace.steps if s.finished[2]))
@@ -139,7 +139,7 @@ def test_multi_turn_reuses_first_turn_cache(embedded):
     assert turn2.cache.reused_len == reused > 0
     s0 = turn2.steps[0]
     assert s0.inputs.cache_len_before == reused
-    assert s0.inputs.cache_position[0] == reused  # new positions start after the reused ones
+    assert s0.inputs.cache_slots[0] == reused  # new positions start after the reused ones
     assert s0.inputs.input_ids.shape[1] == enc2["input_ids"].shape[1] - reused
 
 

@@ -70,14 +70,14 @@ def test_inputs_per_step(tiny_model):
     assert s0.kind == "prefill"
     assert np.array_equal(s0.inputs.input_ids, inputs["input_ids"].numpy())
     assert s0.inputs.cache_len_before == 0
-    assert s0.inputs.cache_position.tolist() == [0, 1, 2, 3, 4]
+    assert s0.inputs.cache_slots.tolist() == [0, 1, 2, 3, 4]
     assert s0.inputs.attention_mask_shape == (2, 5)
     # left padding: the padded row's real tokens start at position 0
     assert s0.inputs.position_ids[1, 2:].tolist() == [0, 1, 2]
     for i, step in enumerate(trace.steps[1:], start=1):
         assert step.inputs.input_ids.shape == (2, 1)
         assert step.inputs.input_ids[:, 0].tolist() == trace.steps[i - 1].chosen.tolist()
-        assert step.inputs.cache_position.tolist() == [5 + i - 1]
+        assert step.inputs.cache_slots.tolist() == [5 + i - 1]
         assert step.inputs.cache_len_before == 5 + i - 1
         assert step.inputs.position_ids[:, 0].tolist() == [4 + i, 2 + i]
 
@@ -283,9 +283,9 @@ def test_cuda_identical_and_recorded():  # pragma: no cover - CI has no GPU
 
 def test_runtime_budget_guard_warns_and_keeps_generating(tiny_model, monkeypatch):
     """If the estimate was too low, recording of large arrays stops; generation goes on unchanged."""
-    from tracer.hooks import TraceSession
+    import tracer.recorder
 
-    monkeypatch.setattr(TraceSession, "estimate_bytes", lambda self, **kw: {"steps": 0})
+    monkeypatch.setattr(tracer.recorder, "estimate_bytes", lambda *a, **kw: {"steps": 0})
     inputs = make_inputs(batch=1, seq=6)
     ref = _generate(tiny_model, inputs, do_sample=False, max_new_tokens=10)
     record = RecordConfig(attention=True, attention_dtype="float32", max_bytes=2_000)
@@ -308,7 +308,7 @@ def test_without_cache_every_step_feeds_the_whole_sequence(tiny_model):
     for i, step in enumerate(trace.steps):
         assert step.inputs.input_ids.shape == (1, 5 + i)
         assert step.inputs.cache_len_before == 0
-        assert step.inputs.cache_position.tolist() == list(range(5 + i))
+        assert step.inputs.cache_slots.tolist() == list(range(5 + i))
         assert trace.attention(i, 0).shape == (1, 4, 5 + i, 5 + i)
     assert trace.cache is None
     cached = _traced(tiny_model, inputs, record=RecordConfig(attention=True), do_sample=False, max_new_tokens=4)[1]
@@ -351,10 +351,10 @@ def test_in_place_processor_is_recorded(tiny_model):
 
 
 def test_recording_failure_never_changes_generation(tiny_model, monkeypatch):
-    from tracer.recorder import Generation
+    from tracer.recorder import StepRecorder
 
     calls = {"n": 0}
-    original = Generation.stage
+    original = StepRecorder._stage
 
     def flaky(self, processor, scores):
         calls["n"] += 1
@@ -362,7 +362,7 @@ def test_recording_failure_never_changes_generation(tiny_model, monkeypatch):
             raise RuntimeError("recorder bug")
         return original(self, processor, scores)
 
-    monkeypatch.setattr(Generation, "stage", flaky)
+    monkeypatch.setattr(StepRecorder, "_stage", flaky)
     inputs = make_inputs(batch=2, seq=5, left_pad=1)
     ref = _generate(tiny_model, inputs, seed=2, **SAMPLING)
     with pytest.warns(tracer.TracerWarning, match="recording stopped at step 0: RuntimeError: recorder bug"):

@@ -9,23 +9,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .records import (
-    MemoryBudgetError,
-    NotSupportedError,
-    SCHEMA_VERSION,
-    Trace,
-    TraceFormatError,
-    TracerError,
-)
+from .errors import MemoryBudgetError, NotSupportedError, TraceFormatError, TracerError, TracerWarning
+from .records import SCHEMA_VERSION, StopReason, Trace
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "trace": ("hooks", "trace"),
-    "trace_generate": ("hooks", "trace_generate"),
-    "encode_prompts": ("hooks", "encode_prompts"),
-    "TraceSession": ("hooks", "TraceSession"),
-    "TracerWarning": ("recorder", "TracerWarning"),
+    "trace": ("session", "trace"),
+    "trace_generate": ("session", "trace_generate"),
+    "prepare_generate": ("session", "prepare_generate"),
+    "encode_prompts": ("session", "encode_prompts"),
+    "TraceSession": ("session", "TraceSession"),
     "RecordConfig": ("config", "RecordConfig"),
     "load_model": ("models", "load_model"),
     "load_tokenizer": ("models", "load_tokenizer"),
@@ -39,9 +33,11 @@ __all__ = [
     "MemoryBudgetError",
     "NotSupportedError",
     "SCHEMA_VERSION",
+    "StopReason",
     "Trace",
     "TraceFormatError",
     "TracerError",
+    "TracerWarning",
     "__version__",
     *_LAZY,
 ]

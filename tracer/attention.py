@@ -12,33 +12,22 @@ through a weak map from attention module to recorder, filled and emptied by ``tr
 from __future__ import annotations
 
 import math
-import sys
+import threading
 import weakref
 from typing import Callable
 
 import torch
 
+from . import _hf_compat as hf
 from ._device import to_host
-from .records import NotSupportedError
+from .errors import NotSupportedError
 
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionRecorder]" = weakref.WeakKeyDictionary()
 PREFIX = "tracer_"
 
 
 def _inner_function(name: str, module: torch.nn.Module) -> Callable:
-    from transformers import AttentionInterface
-
-    if name == "eager":
-        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if fn is None:
-            raise NotSupportedError(
-                f"{type(module).__name__} has no module-level eager_attention_forward; record attention with sdpa"
-            )
-        return fn
-    registry = AttentionInterface()
-    if name not in registry:
-        raise NotSupportedError(f"attention implementation {name!r} is not in transformers' AttentionInterface")
-    return registry[name]
+    return hf.eager_attention_function(module) if name == "eager" else hf.registered_attention_function(name)
 
 
 def _make_recording_function(original: str) -> Callable:
@@ -63,21 +52,15 @@ def _make_recording_function(original: str) -> Callable:
 
 def install(model: torch.nn.Module, recorder: "AttentionRecorder") -> str:
     """Route the model's attention through the recording function; returns the original name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    original = model.config._attn_implementation
+    original = hf.attn_implementation(model)
     if original.startswith(PREFIX):
         raise NotSupportedError("this model is already being traced (nested tracer.trace on one model)")
     name = f"{PREFIX}{original}"
-    AttentionInterface.register(name, _make_recording_function(original))
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else None
-    if mask_fn is not None:
-        AttentionMaskInterface.register(name, mask_fn)
+    hf.register_attention(name, _make_recording_function(original), hf.mask_function(original))
     for module in recorder.modules.values():
         _ACTIVE[module] = recorder
     model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:  # transformers only warns when it cannot switch
+    if hf.attn_implementation(model) != name:  # transformers only warns when it cannot switch
         raise NotSupportedError(f"{type(model).__name__} cannot switch its attention implementation to {name!r}")
     return original
 
@@ -85,7 +68,7 @@ def install(model: torch.nn.Module, recorder: "AttentionRecorder") -> str:
 def uninstall(model: torch.nn.Module, recorder: "AttentionRecorder", original: str) -> None:
     for module in list(recorder.modules.values()):
         _ACTIVE.pop(module, None)
-    if model.config._attn_implementation != original:
+    if hf.attn_implementation(model) != original:
         model.set_attn_implementation(original)
 
 
@@ -118,6 +101,7 @@ class AttentionRecorder:
         self.error: Exception | None = None  # a failure inside observe, reported by the recorder
         self._mask_key: tuple | None = None
         self._mask_value: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.thread: int | None = None  # only calls from this thread are observed (set per step)
 
     def reset(self) -> None:
         """Forget the generation: no step, no pending references to model tensors."""
@@ -127,6 +111,7 @@ class AttentionRecorder:
         self._mask_key, self._mask_value = None, (None, None)
 
     def begin_step(self, step: int, cache_len_before: int) -> None:
+        self.thread = threading.get_ident()
         self.enabled = True
         if step == 0:
             self.error = None
@@ -139,7 +124,8 @@ class AttentionRecorder:
         self._mask_value: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def wanted(self) -> bool:
-        return self.enabled and self.step >= 0 and (self.steps is None or self.step in self.steps)
+        return (self.enabled and self.step >= 0 and (self.steps is None or self.step in self.steps)
+                and threading.get_ident() == self.thread)
 
     def observe(self, module, query, key, attention_mask, output, kwargs) -> None:
         if not self.wanted():

@@ -209,11 +209,15 @@ def _check_architecture(config: Any) -> None:
 
 
 def _check_layers(model: Any) -> None:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or layers is None or len(layers) == 0:
-        missing = "`model.model`" if inner is None else "`model.model.layers`"
-        raise ModelLoadError(f"{type(model).__name__} has no {missing}; {_NEED}")
+    """The one rule for "supported model" (``tracer._hf_compat.decoder_parts``, which the
+    session uses too), reported as a load error."""
+    from ._hf_compat import decoder_parts
+    from .errors import NotSupportedError
+
+    try:
+        decoder_parts(model)
+    except NotSupportedError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

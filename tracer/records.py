@@ -1,7 +1,7 @@
 """Plain records of one traced ``generate`` call.
 
 Records hold numpy arrays and Python scalars only, so a trace reloaded from a file needs
-neither torch nor transformers.  The recorder (``tracer.hooks``) builds them; storage
+neither torch nor transformers.  The recorder (``tracer.recorder``) builds them; storage
 (``tracer.storage``) and views (``tracer.viz``) read them.
 
 Shape letters used in the field docs:
@@ -14,29 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .blobs import BlobStore, MemoryStore, blob_key, parse_blob_key, stack_rows
+from .cache_records import CacheLayerInfo, CacheTimeline
+from .errors import MemoryBudgetError, NotSupportedError, TraceFormatError, TracerError, TracerWarning
+from .stops import STOP_KINDS, StopReason
+
+__all__ = [
+    "SCHEMA_VERSION", "STOP_KINDS", "StopReason", "TopK", "Stage", "ProcessorEffect", "StepInputs", "AttentionStats",
+    "LogitLens", "StepRecord", "CacheLayerInfo", "CacheTimeline", "BlobStore", "MemoryStore", "TraceMeta",
+    "Trace", "blob_key", "parse_blob_key", "stack_rows", "replace",
+    "TracerError", "NotSupportedError", "MemoryBudgetError", "TraceFormatError", "TracerWarning",
+]
+
 #: Version of the record/trace-file schema, ``major.minor``.  A reader accepts any minor of its
-#: own major and refuses a newer major.
-SCHEMA_VERSION = "1.0"
-
-
-class TracerError(Exception):
-    """Base class of the errors this package raises on purpose."""
-
-
-class NotSupportedError(TracerError, NotImplementedError):
-    """A model, cache or generation mode the tracer cannot record (raised before generating)."""
-
-
-class MemoryBudgetError(TracerError, MemoryError):
-    """What the configuration asks to record would exceed ``RecordConfig.max_bytes``."""
-
-
-class TraceFormatError(TracerError, ValueError):
-    """A trace file is corrupt, truncated, foreign, or of a newer schema major version."""
+#: own major and refuses a newer major.  1.1: StopReason objects, inputs as fed (names, 2-D mask,
+#: logits_to_keep, cache class), ``cache_slots`` (was ``cache_position``), token bytes, backend.
+SCHEMA_VERSION = "1.1"
 
 
 # --------------------------------------------------------------------------------------
@@ -99,15 +96,60 @@ class ProcessorEffect:
     kl: np.ndarray  # (B,) float32, KL(after || before) in nats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class StepInputs:
-    """Exactly what ``prepare_inputs_for_generation`` fed the model at this step."""
+    """What the model's forward received at this step (step 0: the prefill).
+
+    ``input_ids``, ``position_ids``, ``attention_mask`` (2-D, as fed), ``logits_to_keep`` and
+    the cache class are read from the forward call itself.  ``cache_slots`` is *computed* (the
+    cache positions this step writes, ``cache_len_before + arange(Q)``): transformers 5.17+
+    passes no ``cache_position``, and with left padding a row's ``position_ids`` differ from
+    its cache slots."""
 
     input_ids: np.ndarray  # (B, Q) int64: the whole prompt at step 0, one token after
-    position_ids: np.ndarray | None  # (B, Q) int64
-    cache_position: np.ndarray  # (Q,) int64, cache slots written (from the cache length)
-    attention_mask_shape: tuple[int, ...] | None  # e.g. (B, T); None when generate dropped it
+    position_ids: np.ndarray | None  # (B, Q) int64 as fed (per row: left padding shows); None: not fed
+    cache_slots: np.ndarray  # (Q,) int64, cache slots written (computed from the cache length)
+    attention_mask_shape: tuple[int, ...] | None  # shape of the mask as fed; None when not fed
     cache_len_before: int  # tokens in the cache before this step
+    names: tuple[str, ...]  # keyword arguments forward received (those not None), in order
+    attention_mask: np.ndarray | None  # (B, T) int8 2-D mask as fed; None: not fed, not 2-D or too large
+    mask_padding: np.ndarray | None  # (B,) int64 zeros per row of the 2-D mask (kept when the mask is not)
+    logits_to_keep: int | None  # as fed (1: only the last position's logits); None: not fed
+    cache_class: str | None  # class of the cache object fed, e.g. "DynamicCache"; None: no cache
+
+    def __init__(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray | None,
+        cache_slots: np.ndarray | None = None,
+        attention_mask_shape: tuple[int, ...] | None = None,
+        cache_len_before: int = 0,
+        names: tuple[str, ...] = (),
+        attention_mask: np.ndarray | None = None,
+        mask_padding: np.ndarray | None = None,
+        logits_to_keep: int | None = None,
+        cache_class: str | None = None,
+        *,
+        cache_position: np.ndarray | None = None,  # deprecated spelling of cache_slots
+    ):
+        if cache_slots is None:
+            cache_slots = cache_position
+        if cache_slots is None:
+            q = int(np.shape(input_ids)[1]) if np.ndim(input_ids) == 2 else 0
+            cache_slots = np.arange(cache_len_before, cache_len_before + q, dtype=np.int64)
+        if mask_padding is None and attention_mask is not None and np.ndim(attention_mask) == 2:
+            mask_padding = (np.asarray(attention_mask) == 0).sum(axis=1).astype(np.int64)
+        for name, value in (("input_ids", input_ids), ("position_ids", position_ids), ("cache_slots", cache_slots),
+                            ("attention_mask_shape", None if attention_mask_shape is None else tuple(attention_mask_shape)),
+                            ("cache_len_before", int(cache_len_before)), ("names", tuple(names)),
+                            ("attention_mask", attention_mask), ("mask_padding", mask_padding),
+                            ("logits_to_keep", logits_to_keep), ("cache_class", cache_class)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def cache_position(self) -> np.ndarray:
+        """Deprecated alias of :attr:`cache_slots` (computed, not fed by ``generate``)."""
+        return self.cache_slots
 
 
 @dataclass(frozen=True)
@@ -141,7 +183,7 @@ class StepRecord:
     sampled: bool  # multinomial sampling (True) or argmax (False)
     active: np.ndarray  # (B,) bool, sequence was still generating at this step
     finished: np.ndarray  # (B,) bool, sequence finished at this step
-    stop_reasons: tuple[str | None, ...]  # per sequence: why it finished here, else None
+    stop_reasons: tuple[StopReason | None, ...]  # per sequence: why it finished here, else None
     time_s: float  # host wall time from forward start to the stop check
     residual_norms: np.ndarray | None = None  # (P, B) float32, L2 norm of last position per point
     logit_lens: LogitLens | None = None
@@ -190,146 +232,6 @@ class StepRecord:
 
 
 # --------------------------------------------------------------------------------------
-# KV cache
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CacheLayerInfo:
-    """Static facts of one cache layer."""
-
-    kind: str  # class name, e.g. "DynamicLayer", "StaticLayer", "DynamicSlidingWindowLayer"
-    dtype: str
-    device: str
-    kv_heads: int
-    head_dim: int
-    max_len: int | None  # allocated capacity (static) or window (sliding); None: grows
-
-
-@dataclass(frozen=True)
-class CacheTimeline:
-    """The KV cache after every step, per layer."""
-
-    cache_class: str
-    layers: tuple[CacheLayerInfo, ...]
-    seq_len: np.ndarray  # (S, L) int64, tokens seen by each layer (``get_seq_length``)
-    kept_len: np.ndarray  # (S, L) int64, positions actually held (sliding windows keep fewer)
-    allocated_len: np.ndarray  # (S, L) int64, positions the key tensor has room for
-    nbytes: np.ndarray  # (S, L) int64, measured bytes of keys + values
-    batch_size: int
-    reused_len: int  # positions already in the cache when this generate started (multi-turn)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    @property
-    def total_bytes(self) -> np.ndarray:
-        """`(S,)` measured bytes of the whole cache after each step."""
-        return self.nbytes.sum(axis=1)
-
-    def _elem_bytes(self) -> int:
-        if not self.layers:
-            return 0
-        name = _numpy_dtype_name(self.layers[0].dtype)
-        try:
-            return int(np.dtype(name).itemsize)
-        except TypeError:  # e.g. float8 kinds numpy cannot name: read the width from the name
-            digits = "".join(ch for ch in name.split("_")[0] if ch.isdigit())
-            return max(int(digits or 8) // 8, 1)
-
-    def predicted_bytes(self, *, query_heads: int | None = None, allocated: bool = False) -> np.ndarray:
-        """`(S,)` bytes the memory model predicts: ``2 × Σ_layers kv_heads × head_dim × tokens ×
-        batch × bytes/elem``.  ``query_heads`` replaces ``kv_heads`` (what the cache would cost
-        without grouped-query attention); ``allocated`` counts allocated rather than kept slots."""
-        lengths = self.allocated_len if allocated else self.kept_len
-        per_token = np.array(
-            [(query_heads or info.kv_heads) * info.head_dim for info in self.layers], dtype=np.int64
-        )
-        return 2 * (lengths * per_token[None, :]).sum(axis=1) * self.batch_size * self._elem_bytes()
-
-    def summary(self, query_heads: int | None = None) -> dict[str, Any]:
-        last = -1
-        out = {
-            "cache_class": self.cache_class,
-            "layers": self.num_layers,
-            "layer_kinds": sorted({info.kind for info in self.layers}),
-            "kv_heads": self.layers[0].kv_heads if self.layers else None,
-            "head_dim": self.layers[0].head_dim if self.layers else None,
-            "dtype": self.layers[0].dtype if self.layers else None,
-            "reused_len": self.reused_len,
-            "final_seq_len": int(self.seq_len[last].max()) if self.seq_len.size else 0,
-            "measured_bytes": int(self.total_bytes[last]) if self.nbytes.size else 0,
-            "predicted_bytes": int(self.predicted_bytes(allocated=True)[last]) if self.nbytes.size else 0,
-        }
-        if query_heads and self.nbytes.size:
-            out["bytes_without_gqa"] = int(self.predicted_bytes(query_heads=query_heads, allocated=True)[last])
-        return out
-
-
-def _numpy_dtype_name(torch_dtype: str) -> str:
-    name = torch_dtype.replace("torch.", "")
-    return {"bfloat16": "float16"}.get(name, name)  # bf16 and fp16 are both 2 bytes
-
-
-# --------------------------------------------------------------------------------------
-# Large arrays: attention maps, full logits, hidden vectors, key/value snapshots
-# --------------------------------------------------------------------------------------
-
-
-class BlobStore(Protocol):
-    """Keyed large arrays; in memory while recording, memory-mapped when loaded from a file."""
-
-    def get(self, key: str) -> np.ndarray: ...
-
-    def keys(self) -> Iterator[str]: ...
-
-    def __contains__(self, key: object) -> bool: ...
-
-
-def blob_key(kind: str, step: int, layer: int | None = None) -> str:
-    """The one place blob keys are spelled: ``kind/step`` or ``kind/step/layer``.
-
-    Kinds: ``attention`` `(B, H_rec, Q, T)`, ``logits`` `(B, V)` raw full logits,
-    ``hidden`` `(B, D)` last-position residual after a decoder layer, ``keys`` / ``values``
-    `(B, kv_heads, T, head_dim)` cache snapshots."""
-    return f"{kind}/{step}" if layer is None else f"{kind}/{step}/{layer}"
-
-
-def parse_blob_key(key: str) -> tuple[str, int, int | None]:
-    parts = key.split("/")
-    if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[1:]):
-        raise TraceFormatError(f"malformed blob key {key!r}")
-    return parts[0], int(parts[1]), (int(parts[2]) if len(parts) == 3 else None)
-
-
-class MemoryStore:
-    """A dict-backed :class:`BlobStore`."""
-
-    def __init__(self, data: dict[str, np.ndarray] | None = None):
-        self._data: dict[str, np.ndarray] = dict(data or {})
-
-    def get(self, key: str) -> np.ndarray:
-        try:
-            return self._data[key]
-        except KeyError:
-            raise KeyError(f"nothing recorded under {key!r}") from None
-
-    def put(self, key: str, value: np.ndarray) -> None:
-        self._data[key] = value
-
-    def keys(self) -> Iterator[str]:
-        return iter(list(self._data))
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in self._data.values())
-
-
-# --------------------------------------------------------------------------------------
 # The whole trace
 # --------------------------------------------------------------------------------------
 
@@ -361,6 +263,8 @@ class TraceMeta:
     status: str = "complete"  # "complete" | "interrupted" | "error"
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    backend: str = "transformers"  # "transformers" | "vllm"
+    backend_info: dict[str, Any] = field(default_factory=dict)  # engine version, sampling params, ...
 
 
 @dataclass
@@ -381,6 +285,80 @@ class Trace:
     attention_heads: tuple[int, ...] = ()  # query heads recorded (axis 1 of maps)
     kv_head_of: tuple[int, ...] = ()  # kv_head_of[h]: the KV head query head h reads (GQA)
     output_text: list[str] | None = None  # per sequence, the tokenizer's decode of the new tokens
+    token_bytes: dict[int, bytes] = field(default_factory=dict)  # id -> the token's raw UTF-8 bytes
+
+    def __post_init__(self) -> None:
+        # old callers may pass strings: every recorded reason is a StopReason
+        for i, step in enumerate(self.steps):
+            if any(r is not None and not isinstance(r, StopReason) for r in step.stop_reasons):
+                self.steps[i] = dataclasses.replace(
+                    step, stop_reasons=tuple(StopReason.parse(r) for r in step.stop_reasons))
+
+    @classmethod
+    def from_steps(
+        cls,
+        meta: TraceMeta,
+        steps: Sequence[StepRecord],
+        *,
+        prompt_ids: np.ndarray,
+        prompt_mask: np.ndarray | None = None,
+        sequences: np.ndarray | None = None,
+        prompts: Sequence[str] | None = None,
+        cache: CacheTimeline | None = None,
+        token_text: Mapping[int, str] | None = None,
+        token_bytes: Mapping[int, bytes] | None = None,
+        blobs: "BlobStore | Mapping[str, np.ndarray] | None" = None,
+        residual_points: Sequence[str] = (),
+        attention_layers: Sequence[int] = (),
+        attention_heads: Sequence[int] = (),
+        kv_head_of: Sequence[int] | None = None,
+        output_text: Sequence[str] | None = None,
+    ) -> "Trace":
+        """Build a whole trace in one go (the recorder and the vLLM backend use this).
+
+        ``prompt_mask`` defaults to all ones; ``sequences`` to the prompt followed by each step's
+        chosen token; ``kv_head_of`` to the grouped-query mapping of ``meta``'s head counts;
+        ``token_bytes`` to the UTF-8 of ``token_text``; a plain mapping of ``blobs`` becomes a
+        :class:`MemoryStore`."""
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        prompt_mask = np.ones_like(prompt_ids) if prompt_mask is None else np.asarray(prompt_mask, dtype=np.int64)
+        steps = list(steps)
+        batch = prompt_ids.shape[0]
+        for s in steps:
+            if s.chosen.shape[0] != batch:
+                raise ValueError(f"step {s.index} has {s.chosen.shape[0]} sequences, the prompt has {batch}")
+        if sequences is None:
+            new = np.stack([s.chosen for s in steps], axis=1) if steps else np.zeros((batch, 0), np.int64)
+            sequences = np.concatenate([prompt_ids, new.astype(np.int64)], axis=1)
+        if kv_head_of is None:
+            group = max(meta.num_heads // max(meta.num_kv_heads, 1), 1)
+            kv_head_of = tuple(h // group for h in range(meta.num_heads))
+        text = dict(token_text or {})
+        raw = dict(token_bytes) if token_bytes is not None else {i: t.encode("utf-8", "surrogatepass")
+                                                                 for i, t in text.items()}
+        if blobs is None:
+            store: BlobStore = MemoryStore()
+        elif isinstance(blobs, Mapping):
+            store = MemoryStore(dict(blobs))
+        else:
+            store = blobs
+        return cls(
+            meta=meta,
+            prompts=None if prompts is None else list(prompts),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            sequences=np.asarray(sequences, dtype=np.int64),
+            steps=steps,
+            cache=cache,
+            token_text=text,
+            blobs=store,
+            residual_points=tuple(residual_points),
+            attention_layers=tuple(int(x) for x in attention_layers),
+            attention_heads=tuple(int(x) for x in attention_heads),
+            kv_head_of=tuple(int(x) for x in kv_head_of),
+            output_text=None if output_text is None else list(output_text),
+            token_bytes=raw,
+        )
 
     # -- the basics ------------------------------------------------------------------
     @property
@@ -434,14 +412,16 @@ class Trace:
         return self.prompt_ids[seq][self.prompt_mask[seq].astype(bool)]
 
     @property
-    def stop_reasons(self) -> list[str]:
-        """Per sequence: why it stopped ("eos:<|im_end|>", "max_length", ...)."""
-        out: list[str] = []
+    def stop_reasons(self) -> list[StopReason | None]:
+        """Per sequence: why it stopped (a :class:`StopReason`, equal to its string form such as
+        ``"eos:<|im_end|>"`` or ``"max_length"``); ``"interrupted"`` when the run ended early
+        before the sequence finished, None when a complete run left it unfinished."""
+        out: list[StopReason | None] = []
         for b in range(self.batch_size):
-            reason = next((s.stop_reasons[b] for s in self.steps if s.finished[b]), None)
-            if reason is None:
-                reason = "interrupted" if self.meta.status != "complete" else "unfinished"
-            out.append(reason)
+            reason = next((s.stop_reasons[b] for s in self.steps if s.finished[b] and b < len(s.stop_reasons)), None)
+            if reason is None and self.meta.status != "complete":
+                reason = StopReason("interrupted")
+            out.append(StopReason.parse(reason))
         return out
 
     @property
@@ -503,7 +483,7 @@ class Trace:
             "prompt_len": self.prompt_len,
             "steps": self.num_steps,
             "new_tokens": self.num_new_tokens,
-            "stop_reasons": self.stop_reasons,
+            "stop_reasons": [str(r) if r is not None else "unfinished" for r in self.stop_reasons],
             "time_s": round(self.total_time_s, 4),
             "generated_text": self.generated_text,
             "attention_layers": len(self.attention_layers),
@@ -536,18 +516,6 @@ class Trace:
         from .export import trace_summary_html
 
         return trace_summary_html(self)
-
-
-def stack_rows(rows: list[np.ndarray]) -> np.ndarray:
-    """`(ΣQ, T_max)`: attention row blocks of growing key length, stacked and zero-padded on
-    the right — the lower-triangular map of a whole generation."""
-    size = max(r.shape[-1] for r in rows)
-    out = np.zeros((sum(r.shape[0] for r in rows), size), dtype=np.float32)
-    i = 0
-    for r in rows:
-        out[i : i + r.shape[0], : r.shape[1]] = r
-        i += r.shape[0]
-    return out
 
 
 def replace(obj: Any, **changes: Any) -> Any:

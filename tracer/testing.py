@@ -18,6 +18,7 @@ from .records import (
     Stage,
     StepInputs,
     StepRecord,
+    StopReason,
     TopK,
     Trace,
     TraceMeta,
@@ -113,7 +114,7 @@ def make_trace(
             prev_p = p
         active = unfinished.copy()
         finished = active & (chosen == eos)
-        reasons = tuple(("eos:<|eot|>" if finished[b] else None) for b in range(batch))
+        reasons = tuple((StopReason("eos", eos, "<|eot|>") if finished[b] else None) for b in range(batch))
         unfinished &= ~finished
         cache_before = prompt_len + s - 1 if s else 0
         t_len = cache_before + q
@@ -155,9 +156,13 @@ def make_trace(
                 inputs=StepInputs(
                     input_ids=ids.astype(np.int64),
                     position_ids=pos,
-                    cache_position=np.arange(cache_before, t_len, dtype=np.int64),
+                    cache_slots=np.arange(cache_before, t_len, dtype=np.int64),
                     attention_mask_shape=(batch, t_len),
                     cache_len_before=cache_before,
+                    names=("input_ids", "position_ids", "attention_mask", "past_key_values", "logits_to_keep"),
+                    attention_mask=prompt_mask_full(prompt_mask, t_len).astype(np.int8),
+                    logits_to_keep=1,
+                    cache_class="DynamicCache",
                 ),
                 stages=tuple(stages),
                 chosen=chosen,
@@ -207,13 +212,13 @@ def make_trace(
         pad_token_id=pad,
         terminators={eos: "<|eot|>"},
     )
-    return Trace(
-        meta=meta,
+    return Trace.from_steps(
+        meta,
+        recs,
         prompts=[f"prompt {b}" for b in range(batch)],
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         sequences=seqs,
-        steps=recs,
         cache=cache,
         token_text=token_text,
         blobs=store,

@@ -1,0 +1,132 @@
+"""One test per private transformers touch (``tracer/_hf_compat.py``): each fails naming the
+installed transformers version when an upgrade moves or renames what tracer relies on."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
+
+from tracer import _hf_compat as hf
+from tracer.errors import NotSupportedError
+
+from conftest import make_inputs, make_tiny_llama
+
+V = transformers.__version__
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        pytest.fail(f"transformers {V}: {what} moved or changed; update tracer/_hf_compat.py", pytrace=False)
+
+
+def _params(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def test_get_logits_processor_signature():
+    fn = getattr(GenerationMixin, hf.LOGITS_PROCESSOR_METHOD, None)
+    _need(fn is not None, f"GenerationMixin.{hf.LOGITS_PROCESSOR_METHOD}")
+    _need({"generation_config", "input_ids_seq_length", "model_kwargs"} <= _params(fn),
+          f"{hf.LOGITS_PROCESSOR_METHOD}(generation_config, input_ids_seq_length, model_kwargs)")
+
+
+def test_get_stopping_criteria_signature():
+    fn = getattr(GenerationMixin, hf.STOPPING_CRITERIA_METHOD, None)
+    _need(fn is not None, f"GenerationMixin.{hf.STOPPING_CRITERIA_METHOD}")
+    _need("generation_config" in _params(fn), f"{hf.STOPPING_CRITERIA_METHOD}(generation_config, ...)")
+
+
+def test_bind_reads_arguments_by_name_and_refuses_unknown_ones():
+    model = make_tiny_llama()
+    method = getattr(model, hf.LOGITS_PROCESSOR_METHOD)
+    gc = GenerationConfig(do_sample=False)
+    bound = hf.bind(method, (gc, 7), {"model_kwargs": {"a": 1}})
+    _need(bound["generation_config"] is gc and bound["input_ids_seq_length"] == 7 and bound["model_kwargs"] == {"a": 1},
+          "binding _get_logits_processor's arguments by name")
+    with pytest.raises(NotSupportedError, match=f"transformers {V}"):
+        hf.bind(method, (), {"no_such_argument": 1})
+
+
+def test_auto_compile_check():
+    fn = getattr(GenerationMixin, "_valid_auto_compile_criteria", None)
+    _need(fn is not None and {"model_kwargs", "generation_config"} <= _params(fn),
+          "GenerationMixin._valid_auto_compile_criteria(model_kwargs, generation_config)")
+    model = make_tiny_llama()
+    assert hf.auto_compiles(model, {}, GenerationConfig()) is False  # CPU, dynamic cache
+
+
+def test_generation_modes():
+    _need(hf.generation_mode_supported(GenerationConfig(do_sample=False)) is None, "GenerationMode.GREEDY_SEARCH")
+    _need(hf.generation_mode_supported(GenerationConfig(do_sample=True)) is None, "GenerationMode.SAMPLE")
+    _need(hf.generation_mode_supported(GenerationConfig(num_beams=2)) == "beam_search", "GenerationMode.BEAM_SEARCH")
+
+
+def test_attn_implementation_attribute():
+    model = make_tiny_llama()
+    _need(hasattr(model.config, "_attn_implementation"), "PretrainedConfig._attn_implementation")
+    assert hf.attn_implementation(model) == "sdpa"
+
+
+def test_attention_registry_and_mask_functions():
+    _need(callable(hf.registered_attention_function("sdpa")), "AttentionInterface()['sdpa']")
+    _need(hf.mask_function("sdpa") is not None, "masking_utils.ALL_MASK_ATTENTION_FUNCTIONS['sdpa']")
+    with pytest.raises(NotSupportedError, match="AttentionInterface"):
+        hf.registered_attention_function("no-such-kernel")
+
+
+def test_eager_attention_function_of_llama():
+    model = make_tiny_llama()
+    module = hf.attention_module(model.model.layers[0])
+    _need(module is not None, "LlamaDecoderLayer.self_attn")
+    fn = hf.eager_attention_function(module)
+    _need({"module", "query", "key", "value", "attention_mask"} <= _params(fn),
+          "modeling_llama.eager_attention_forward(module, query, key, value, attention_mask, ...)")
+
+
+def test_recording_lists_call_each_processor_and_criterion():
+    model = make_tiny_llama()
+    seen, stops = [], []
+    gc = GenerationConfig(do_sample=True, temperature=0.5, top_k=5, max_length=9)
+    processors = getattr(model, hf.LOGITS_PROCESSOR_METHOD)(gc, 4)
+    _need(isinstance(processors, LogitsProcessorList), "_get_logits_processor returns a LogitsProcessorList")
+    wrapped = hf.make_processor_list(type(processors), lambda p, s: seen.append((p, s.clone())))(processors)
+    ids, scores = torch.tensor([[3, 4, 5, 6]]), torch.randn(1, 256)
+    out = wrapped(ids, scores.clone())
+    _need(torch.equal(out, processors(ids, scores.clone())), "LogitsProcessorList.__call__ on one-element lists")
+    assert [type(p).__name__ if p else None for p, _ in seen] == [None, "TemperatureLogitsWarper", "TopKLogitsWarper"]
+    from transformers import MaxLengthCriteria
+
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=9)])
+    crit = hf.make_criteria_list(type(criteria), lambda i, d, f: stops.append((d.clone(), f)))(criteria)
+    done = crit(torch.zeros(1, 9, dtype=torch.long), scores)
+    _need(done.tolist() == [True] and stops[0][1][0][1].tolist() == [True], "MaxLengthCriteria at max_length")
+
+
+def test_decoder_parts_is_the_one_support_rule():
+    from tracer import models
+
+    model = make_tiny_llama()
+    parts = hf.decoder_parts(model)
+    _need(len(parts.layers) == 2 and parts.final_norm is model.model.norm, "model.get_decoder().layers / .norm")
+
+    class NoLayers(torch.nn.Module):
+        pass
+
+    for check in (hf.decoder_parts, models._check_layers):
+        with pytest.raises((NotSupportedError, models.ModelLoadError), match=r"NoLayers has no `model.model`"):
+            check(NoLayers())
+
+
+def test_traced_generate_runs_on_this_version():
+    import tracer
+
+    model = make_tiny_llama()
+    inputs = make_inputs(batch=2, seq=5, left_pad=1)
+    ref = model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=0)
+    with tracer.trace(model, record=tracer.RecordConfig(attention=True)) as t:
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=0)
+    _need(torch.equal(ref, out) and t.trace.num_steps == 3, "a traced greedy generate")

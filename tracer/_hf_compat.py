@@ -1,0 +1,231 @@
+"""Every private (or unstable) transformers touch of the tracer, in one place.
+
+Each function here names the transformers internal it relies on; arguments of the private
+methods we wrap are bound through :func:`inspect.signature`, never picked by position.
+``tests/test_hf_compat.py`` has one test per touch that fails loudly, naming the installed
+transformers version, when an upgrade moves or renames it.
+
+Touches:
+
+* ``GenerationMixin._get_logits_processor`` / ``_get_stopping_criteria`` (wrapped on the
+  instance while tracing: the lists ``generate`` builds are swapped for recording subclasses);
+* ``GenerationMixin._valid_auto_compile_criteria`` (would generate compile the decoding step?);
+* ``GenerationConfig.get_generation_mode`` + ``GenerationMode`` (greedy / sample only);
+* ``PretrainedConfig._attn_implementation`` (the active attention implementation's name);
+* ``AttentionInterface`` / ``masking_utils.AttentionMaskInterface`` /
+  ``ALL_MASK_ATTENTION_FUNCTIONS`` (registering the recording attention function);
+* ``<modeling module>.eager_attention_forward`` (the eager kernel of a model family);
+* ``model.get_decoder().layers`` / ``.norm`` / ``.get_input_embeddings()`` (model structure:
+  the one rule that decides whether a model is supported).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import NotSupportedError
+
+__all__ = [
+    "LOGITS_PROCESSOR_METHOD",
+    "STOPPING_CRITERIA_METHOD",
+    "DecoderParts",
+    "attention_module",
+    "auto_compiles",
+    "attn_implementation",
+    "bind",
+    "decoder_parts",
+    "eager_attention_function",
+    "generation_mode_supported",
+    "head_counts",
+    "make_criteria_list",
+    "make_processor_list",
+    "mask_function",
+    "registered_attention_function",
+    "register_attention",
+    "transformers_version",
+]
+
+LOGITS_PROCESSOR_METHOD = "_get_logits_processor"
+STOPPING_CRITERIA_METHOD = "_get_stopping_criteria"
+SUPPORT_RULE = "tracer needs a decoder-only causal LM whose decoder layers are `model.model.layers`"
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
+# ----------------------------------------------------------------------------------------
+# Binding arguments of private methods by name
+# ----------------------------------------------------------------------------------------
+
+
+def bind(method: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``{parameter name: value}`` of a call to ``method`` (a bound method), defaults applied."""
+    try:
+        bound = inspect.signature(method).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise NotSupportedError(
+            f"transformers {transformers_version()} calls {getattr(method, '__name__', method)} with arguments "
+            f"tracer does not recognise ({exc}); please report this transformers version"
+        ) from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+# ----------------------------------------------------------------------------------------
+# Model structure: the one rule for "supported model"
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    embedding: torch.nn.Module
+    layers: Any  # nn.ModuleList of decoder layers
+    final_norm: torch.nn.Module | None
+
+
+def decoder_parts(model: Any) -> DecoderParts:
+    """(embedding, decoder layers, final norm) of a decoder-only causal LM.
+
+    The one rule deciding whether tracer supports a model (``tracer.models`` and the session
+    both use it): not encoder-decoder, and the decoder (``get_decoder()``, else ``model.model``)
+    has a non-empty ``layers`` list.  Anything else raises :class:`NotSupportedError`."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotSupportedError(f"{name} is an encoder-decoder model; tracer traces decoder-only LMs ({SUPPORT_RULE})")
+    getter = getattr(model, "get_decoder", None)
+    base = getter() if callable(getter) else getattr(model, "model", None)
+    if base is None:
+        raise NotSupportedError(f"{name} has no `model.model` (no decoder layers found); {SUPPORT_RULE}")
+    layers = getattr(base, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise NotSupportedError(f"{name} has no `model.model.layers` (no decoder layers found); {SUPPORT_RULE}")
+    return DecoderParts(base.get_input_embeddings(), layers, getattr(base, "norm", None))
+
+
+def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
+    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+
+
+def head_counts(config: Any) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) from a model config."""
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or (config.hidden_size // max(heads, 1)))
+    return heads, kv, head_dim
+
+
+def attn_implementation(model: Any) -> str:
+    """The name of the model's active attention implementation (``config._attn_implementation``)."""
+    return str(model.config._attn_implementation)
+
+
+# ----------------------------------------------------------------------------------------
+# Generation internals
+# ----------------------------------------------------------------------------------------
+
+
+def generation_mode_supported(generation_config: Any) -> str | None:
+    """None for greedy search and multinomial sampling, else the mode's name."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    mode = generation_config.get_generation_mode()
+    return None if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) else str(mode.value)
+
+
+def auto_compiles(model: Any, model_kwargs: dict | None, generation_config: Any) -> bool:
+    """Whether ``generate`` would ``torch.compile`` the decoding step (``_valid_auto_compile_criteria``)."""
+    check = getattr(model, "_valid_auto_compile_criteria", None)
+    if check is None or model_kwargs is None:
+        return False
+    try:
+        return bool(check(**bind(check, (model_kwargs, generation_config), {})))
+    except NotSupportedError:
+        raise
+    except Exception:  # noqa: BLE001 - the check itself is transformers-internal
+        return False
+
+
+def make_processor_list(base: type, on_scores: Callable[[Any, torch.Tensor], None]) -> Callable[[Any], Any]:
+    """A factory wrapping a ``LogitsProcessorList`` into one that calls ``on_scores(processor,
+    scores)`` before the first processor (``processor=None``: the raw logits) and after each.
+
+    Each processor runs through the installed ``LogitsProcessorList.__call__`` on a one-element
+    list, so argument handling is transformers' own whatever its version."""
+
+    class RecordingLogitsProcessorList(base):  # type: ignore[misc, valid-type]
+        def __call__(self, input_ids, scores, **kwargs):
+            on_scores(None, scores)
+            for processor in self:
+                scores = base.__call__(base([processor]), input_ids, scores, **kwargs)
+                on_scores(processor, scores)
+            return scores
+
+    return RecordingLogitsProcessorList
+
+
+def make_criteria_list(base: type, on_stop: Callable[[torch.Tensor, torch.Tensor, list], None]) -> Callable[[Any], Any]:
+    """A factory wrapping a ``StoppingCriteriaList`` into one that runs each criterion through the
+    installed ``StoppingCriteriaList.__call__`` and reports ``on_stop(input_ids, is_done,
+    [(criterion, result), ...])``."""
+
+    class RecordingStoppingCriteriaList(base):  # type: ignore[misc, valid-type]
+        def __call__(self, input_ids, scores, **kwargs):
+            is_done = torch.full((input_ids.shape[0],), False, device=input_ids.device, dtype=torch.bool)
+            fired = []
+            for criteria in self:
+                result = base.__call__(base([criteria]), input_ids, scores, **kwargs)
+                fired.append((criteria, result))
+                is_done = is_done | result
+            on_stop(input_ids, is_done, fired)
+            return is_done
+
+    return RecordingStoppingCriteriaList
+
+
+# ----------------------------------------------------------------------------------------
+# Attention registry
+# ----------------------------------------------------------------------------------------
+
+
+def eager_attention_function(module: torch.nn.Module) -> Callable:
+    """The module-level ``eager_attention_forward`` of the attention module's modeling file."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise NotSupportedError(
+            f"{type(module).__name__} has no module-level eager_attention_forward; record attention with sdpa"
+        )
+    return fn
+
+
+def registered_attention_function(name: str) -> Callable:
+    from transformers import AttentionInterface
+
+    registry = AttentionInterface()
+    if name not in registry:
+        raise NotSupportedError(f"attention implementation {name!r} is not in transformers' AttentionInterface")
+    return registry[name]
+
+
+def mask_function(name: str) -> Callable | None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[name] if name in ALL_MASK_ATTENTION_FUNCTIONS else None
+
+
+def register_attention(name: str, function: Callable, mask_fn: Callable | None) -> None:
+    """Register ``function`` (and the original's mask builder) under ``name``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, function)
+    if mask_fn is not None:
+        AttentionMaskInterface.register(name, mask_fn)

@@ -1,0 +1,449 @@
+"""Turn what the step recorder kept (device tensors, typed rows) into one
+:class:`~tracer.records.Trace`, built once through :meth:`Trace.from_steps`.
+
+Also the tokenizer-facing pieces of a trace: each token's text and raw bytes, stop reasons.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import cache_inspector
+from .config import RecordConfig
+from .plan import ModelPlan, jsonable
+from .records import (
+    AttentionStats,
+    LogitLens,
+    MemoryStore,
+    Stage,
+    StepInputs,
+    StepRecord,
+    StopReason,
+    TopK,
+    Trace,
+    TraceMeta,
+)
+
+__all__ = [
+    "FedInputs", "StageRows", "LensRows", "StatsRows", "FinishedStep", "GenerationFacts", "build_trace",
+    "stage_params", "stop_reason_of", "token_bytes", "token_texts",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# What the recorder hands over (device tensors)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FedInputs:
+    """What the step's own forward received."""
+
+    names: tuple[str, ...]
+    input_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    mask: torch.Tensor | None  # (B, T) int8 copy of a small 2-D mask
+    mask_shape: tuple[int, ...] | None
+    mask_padding: torch.Tensor | None  # (B,) zeros per row of a large 2-D mask
+    logits_to_keep: int | None
+    cache_class: str | None
+
+
+@dataclass
+class StageRows:
+    """One score row's summary."""
+
+    name: str
+    params: dict[str, Any]
+    ids: torch.Tensor
+    values: torch.Tensor
+    lse: torch.Tensor
+    masked: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+
+
+@dataclass
+class LensRows:
+    layers: tuple[int, ...]
+    rank: torch.Tensor
+    prob: torch.Tensor
+    top: torch.Tensor
+
+
+@dataclass
+class StatsRows:
+    layers: tuple[int, ...]
+    entropy: torch.Tensor
+    sink: torch.Tensor
+    argmax: torch.Tensor
+
+
+@dataclass
+class FinishedStep:
+    index: int
+    time_s: float
+    inputs: FedInputs
+    cache_len_before: int
+    stages: list[StageRows]
+    ranks: torch.Tensor | None  # (n_stages, B)
+    logps: torch.Tensor | None  # (n_stages, B)
+    chosen: torch.Tensor
+    active: torch.Tensor
+    finished: torch.Tensor
+    fired: list[tuple[Any, Any]]  # (criterion, its (B,) result)
+    lens: LensRows | None
+    norms: torch.Tensor | None
+    attn_stats: StatsRows | None
+
+
+@dataclass
+class GenerationFacts:
+    prompt_ids: np.ndarray | None
+    prompt_mask: np.ndarray | None
+    prompts: list[str] | None
+    generation_config: Any
+    sampled: bool
+    reused_len: int
+    last_cache: Any
+    readings: list[Any]
+    notes: list[str]
+    broken: str | None
+    wall_time_s: float
+
+
+# ----------------------------------------------------------------------------------------
+# Building the trace
+# ----------------------------------------------------------------------------------------
+
+
+def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: GenerationFacts,
+                done: list[FinishedStep], blobs: MemoryStore, output: Any, error: BaseException | None) -> Trace:
+    status = "complete" if error is None else "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
+    sequences = getattr(output, "sequences", output) if output is not None else None
+    n_steps = len(done)
+    if isinstance(sequences, torch.Tensor) and facts.prompt_ids is not None:
+        # mps defers the stop check by one step and undoes it: keep the steps generate kept
+        n_steps = min(n_steps, int(sequences.shape[1]) - int(facts.prompt_ids.shape[1]))
+    kept = done[:n_steps]
+    steps = [_to_record(d, facts.sampled) for d in kept]
+    batch = int(steps[0].chosen.shape[0]) if steps else (0 if facts.prompt_ids is None else facts.prompt_ids.shape[0])
+    prompt_ids = facts.prompt_ids if facts.prompt_ids is not None else np.zeros((batch, 0), np.int64)
+    prompt_mask = facts.prompt_mask if facts.prompt_mask is not None else np.ones_like(prompt_ids)
+    if steps and prompt_ids.shape[0] != batch and batch % max(prompt_ids.shape[0], 1) == 0:
+        repeat = batch // prompt_ids.shape[0]  # num_return_sequences
+        prompt_ids, prompt_mask = np.repeat(prompt_ids, repeat, 0), np.repeat(prompt_mask, repeat, 0)
+    if isinstance(sequences, torch.Tensor):
+        seqs = _np(sequences).astype(np.int64)
+    else:
+        new = np.stack([s.chosen for s in steps], axis=1) if steps else np.zeros((batch, 0), np.int64)
+        seqs = np.concatenate([prompt_ids, new], axis=1)
+    cache = None
+    if facts.last_cache is not None:
+        cache = cache_inspector.build_timeline(facts.last_cache, facts.readings[:n_steps], batch_size=batch,
+                                               reused_len=facts.reused_len)
+    meta = _meta(plan, config, tokenizer, facts, status, error)
+    steps = [_with_reasons(s, d, tokenizer, meta.terminators) for s, d in zip(steps, kept)]
+    for key in list(blobs.keys()):  # host tensors -> numpy, after the one sync in finish
+        blobs.put(key, _np(blobs.get(key)))
+    ordered = _shown_ids(seqs, steps)
+    texts = token_texts(tokenizer, ordered)
+    output_text = prompts = None
+    if tokenizer is not None:
+        terms = set(meta.terminators)
+        output_text = [tokenizer.decode([i for i in _generated(steps, b) if i not in terms], skip_special_tokens=True)
+                       for b in range(batch)]
+        if facts.prompts is None:
+            prompts = [tokenizer.decode(prompt_ids[b][prompt_mask[b].astype(bool)].tolist(), skip_special_tokens=False)
+                       for b in range(prompt_ids.shape[0])]
+    return Trace.from_steps(
+        meta,
+        steps,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        sequences=seqs,
+        prompts=facts.prompts if facts.prompts is not None else prompts,
+        cache=cache,
+        blobs=blobs,
+        residual_points=("embed", *[f"layer.{i}" for i in range(plan.num_layers)], "norm") if config.modules else (),
+        attention_layers=plan.attention_layers,
+        attention_heads=plan.attention_heads,
+        kv_head_of=plan.kv_head_of,
+        token_text=texts,
+        token_bytes=token_bytes(tokenizer, ordered, texts),
+        output_text=output_text,
+    )
+
+
+def _shown_ids(sequences: np.ndarray, steps: Sequence[StepRecord]) -> list[int]:
+    """Every token id the trace shows: sequences, every stage's top-k, the logit lens's best."""
+    ids: set[int] = set(np.unique(sequences).tolist())
+    for step in steps:
+        for stage in step.stages:
+            ids.update(np.unique(stage.top.ids).tolist())
+        if step.logit_lens is not None:
+            ids.update(np.unique(step.logit_lens.top_id).tolist())
+    return sorted(i for i in ids if i >= 0)
+
+
+def _generated(steps: Sequence[StepRecord], b: int) -> list[int]:
+    out = []
+    for step in steps:
+        if not step.active[b]:
+            break
+        out.append(int(step.chosen[b]))
+    return out
+
+
+def _to_record(d: FinishedStep, sampled: bool) -> StepRecord:
+    fed = d.inputs
+    ids = _np(fed.input_ids).astype(np.int64) if fed.input_ids is not None else np.zeros((0, 0), np.int64)
+    q_len = ids.shape[1] if ids.ndim == 2 else 0
+    stages = tuple(
+        Stage(
+            name=st.name,
+            params=st.params,
+            top=TopK(ids=_np(st.ids).astype(np.int64), values=_np(st.values).astype(np.float32),
+                     logsumexp=_np(st.lse).astype(np.float32)),
+            n_masked=_np(st.masked).astype(np.int64),
+            chosen_rank=_np(d.ranks[j]).astype(np.int64),
+            chosen_logprob=_np(d.logps[j]).astype(np.float32),
+            kl=_np(st.kl).astype(np.float32),
+            entropy=_np(st.entropy).astype(np.float32),
+        )
+        for j, st in enumerate(d.stages)
+    )
+    lens = None
+    if d.lens is not None:
+        lens = LogitLens(layers=d.lens.layers, chosen_rank=_np(d.lens.rank).astype(np.int64),
+                         chosen_prob=_np(d.lens.prob).astype(np.float32), top_id=_np(d.lens.top).astype(np.int64))
+    stats = None
+    if d.attn_stats is not None:
+        a = d.attn_stats
+        stats = AttentionStats(layers=a.layers, entropy=_np(a.entropy).astype(np.float32),
+                               sink=_np(a.sink).astype(np.float32), argmax=_np(a.argmax).astype(np.int64))
+    mask = _np(fed.mask).astype(np.int8) if fed.mask is not None else None
+    return StepRecord(
+        index=d.index,
+        inputs=StepInputs(
+            input_ids=ids,
+            position_ids=_np(fed.position_ids).astype(np.int64) if fed.position_ids is not None else None,
+            cache_slots=np.arange(d.cache_len_before, d.cache_len_before + q_len, dtype=np.int64),
+            attention_mask_shape=fed.mask_shape,
+            cache_len_before=int(d.cache_len_before),
+            names=fed.names,
+            attention_mask=mask,
+            mask_padding=_np(fed.mask_padding).astype(np.int64) if fed.mask_padding is not None else None,
+            logits_to_keep=fed.logits_to_keep,
+            cache_class=fed.cache_class,
+        ),
+        stages=stages,
+        chosen=_np(d.chosen).astype(np.int64),
+        sampled=sampled,
+        active=_np(d.active).astype(bool),
+        finished=_np(d.finished).astype(bool),
+        stop_reasons=(),  # resolved once token texts are known
+        time_s=float(d.time_s),
+        residual_norms=_np(d.norms).astype(np.float32) if d.norms is not None else None,
+        logit_lens=lens,
+        attention_stats=stats,
+    )
+
+
+def stop_reason_of(criteria: Any, token_id: int, token_text: str) -> StopReason:
+    """The :class:`StopReason` a stopping criterion stands for when it fired on ``token_id``."""
+    name = type(criteria).__name__
+    if hasattr(criteria, "eos_token_id"):
+        return StopReason("eos", token_id, token_text)
+    if name == "MaxLengthCriteria":
+        return StopReason("max_length")
+    if name == "MaxTimeCriteria":
+        return StopReason("max_time")
+    if name == "StopStringCriteria":
+        return StopReason("stop_string")
+    return StopReason("criteria", None, "confidence" if name == "ConfidenceCriteria" else name)
+
+
+def _with_reasons(step: StepRecord, d: FinishedStep, tokenizer: Any, terminators: dict[int, str]) -> StepRecord:
+    fired = [(c, _np(r).astype(bool).reshape(-1)) for c, r in d.fired]
+    reasons: list[StopReason | None] = []
+    for b in range(step.chosen.shape[0]):
+        if not step.finished[b]:
+            reasons.append(None)
+            continue
+        token = int(step.chosen[b])
+        text = terminators.get(token) if token in terminators else _token_text(tokenizer, token)
+        candidates = [stop_reason_of(c, token, text) for c, r in fired if r.shape[0] > b and r[b]]
+        reasons.append(StopReason.first(candidates) or StopReason("criteria"))
+    return StepRecord(**{**step.__dict__, "stop_reasons": tuple(reasons)})
+
+
+def _meta(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: GenerationFacts, status: str,
+          error: BaseException | None) -> TraceMeta:
+    import transformers
+
+    from . import __version__
+
+    gc = facts.generation_config
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if isinstance(eos, torch.Tensor):
+        eos_ids = [int(x) for x in eos.reshape(-1)]
+    special = {}
+    if tokenizer is not None:
+        for name, text in (getattr(tokenizer, "special_tokens_map", {}) or {}).items():
+            if isinstance(text, str):
+                special[name] = {"text": text, "id": tokenizer.convert_tokens_to_ids(text)}
+    mf = plan.model_facts
+    return TraceMeta(
+        model_name=mf.get("model_name", ""),
+        model_class=mf.get("model_class", ""),
+        model_config=mf.get("model_config", {}),
+        num_layers=plan.num_layers,
+        num_heads=plan.num_heads,
+        num_kv_heads=plan.num_kv_heads,
+        head_dim=plan.head_dim,
+        hidden_size=plan.hidden_size,
+        vocab_size=plan.vocab_size,
+        dtype=mf.get("dtype", ""),
+        device=str(plan.device),
+        attn_implementation=plan.attn_implementation,
+        generation_config=jsonable(gc.to_diff_dict()) if gc is not None else {},
+        special_tokens=special,
+        pad_token_id=_int_or_none(getattr(gc, "pad_token_id", None)) if gc is not None else None,
+        terminators={int(i): _token_text(tokenizer, int(i)) for i in eos_ids},
+        record_config=config.to_dict(),
+        versions={"tracer": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__)},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        wall_time_s=facts.wall_time_s,
+        status=status if facts.broken is None or status != "complete" else "error",
+        error=(None if error is None else f"{type(error).__name__}: {error}") or facts.broken,
+        notes=list(facts.notes),
+        backend="transformers",
+        backend_info={"transformers": str(transformers.__version__)},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Tokens: text and raw bytes
+# ----------------------------------------------------------------------------------------
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> dict[int, str]:
+    if tokenizer is None:
+        return {i: f"<{i}>" for i in ids}
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return dict(zip(ids, texts))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character map used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    try:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a b", add_special_tokens=False))
+    except Exception:  # noqa: BLE001 - a tokenizer we cannot probe: use its decode
+        return False
+    return any(isinstance(p, str) and "Ġ" in p for p in pieces)
+
+
+def token_bytes(tokenizer: Any, ids: Iterable[int], texts: dict[int, str] | None = None) -> dict[int, bytes]:
+    """Each token's raw UTF-8 bytes: byte-level BPE tokens mapped back through GPT-2's byte map,
+    sentencepiece ``<0xNN>`` byte tokens as that byte, special tokens and the rest as the UTF-8
+    of their decoded text.  A token holding part of a character gets that part's bytes."""
+    ids = list(ids)
+    if tokenizer is None:
+        return {i: (texts or {}).get(i, f"<{i}>").encode("utf-8", "surrogatepass") for i in ids}
+    try:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+    except Exception:  # noqa: BLE001
+        pieces = [None] * len(ids)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    byte_level = _is_byte_level(tokenizer)
+    out: dict[int, bytes] = {}
+    for i, piece in zip(ids, pieces):
+        raw = None
+        if isinstance(piece, str) and i not in special:
+            m = _BYTE_TOKEN.fullmatch(piece)
+            if m:
+                raw = bytes([int(m.group(1), 16)])
+            elif byte_level and all(ch in _UNICODE_TO_BYTE for ch in piece):
+                raw = bytes(_UNICODE_TO_BYTE[ch] for ch in piece)
+            elif not byte_level and "\u2581" in piece:  # sentencepiece word boundary
+                raw = piece.replace("\u2581", " ").encode("utf-8")
+        if raw is None:
+            text = (texts or {}).get(i)
+            if text is None:
+                text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            raw = text.encode("utf-8", "surrogatepass")
+        out[i] = raw
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+
+
+def stage_params(processor: Any) -> dict[str, Any]:
+    """A processor's scalar settings (JSON-able)."""
+    out: dict[str, Any] = {}
+    for key, value in vars(processor).items():
+        if key.startswith("_") or value is None:
+            continue
+        if isinstance(value, (bool, int, str)):
+            out[key] = value
+        elif isinstance(value, float):
+            out[key] = value if np.isfinite(value) else str(value)  # -inf: JSON has no infinities
+        elif isinstance(value, torch.Tensor) and value.numel() <= 16:
+            out[key] = value.detach().cpu().tolist()
+        elif isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, (int, float, str)) for v in value):
+            out[key] = list(value)
+    return out
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    if tokenizer is None:
+        return f"<{token_id}>"
+    return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1)[0].item()
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return None if value is None else int(value)
