@@ -152,6 +152,7 @@ def test_pieces_markers_for_whitespace_tokens():
 
 def test_fallback_without_token_bytes():
     trace = make_trace(batch=1, steps=3)
+    trace.token_bytes.clear()  # as in a trace file written before schema 1.1
     trace.token_text[7] = "\ufffd"
     trace.token_text[8] = "\n"
     assert not getattr(trace, "token_bytes", None)

@@ -223,6 +223,7 @@ def test_token_strip_escapes_and_titles():
     gen = [int(i) for i in t.generated_ids(0)]
     if 7 not in gen:  # make sure the evil text is on a generated token
         t.token_text[gen[1]] = evil
+        t.token_bytes[gen[1]] = evil.encode("utf-8", "surrogatepass")
     for metric in ("prob", "entropy"):
         out = viz.token_strip_html(t, 0, metric)
         assert "<script>" not in out
@@ -240,6 +241,7 @@ def test_step_explorer_escapes_tokens():
     t = make_trace(text="<b>bold</b>")
     gen = [int(i) for i in t.generated_ids(0)]
     t.token_text[gen[0]] = "<b>bold</b>"
+    t.token_bytes[gen[0]] = b"<b>bold</b>"
     w = viz.step_explorer(t)
     assert "<b>bold</b>" not in w.text_html.value + w.table_html.value
     assert "&lt;b&gt;bold&lt;/b&gt;" in w.text_html.value
