@@ -496,12 +496,14 @@ class Trace:
 
         return save_trace(self, path)
 
-    def to_html(self, path: Any = None) -> str:
+    def to_html(self, path: Any = None) -> Any:
+        """The HTML report: the string, or with ``path`` written there and the path returned."""
         from .export import trace_to_html
 
         return trace_to_html(self, path)
 
     def to_perfetto(self, path: Any = None) -> Any:
+        """Perfetto/Chrome trace JSON: the dict, or with ``path`` written there and the path returned."""
         from .export import trace_to_perfetto
 
         return trace_to_perfetto(self, path)

@@ -300,7 +300,7 @@ class Runner:
         (terminators and pad included), as ``GenerationConfig.to_diff_dict()`` writes them."""
         from transformers import GenerationConfig
 
-        from tracer.hooks import default_terminators
+        from tracer.session import default_terminators
 
         kwargs = dict(self.settings)
         stops = default_terminators(self.model, self.tokenizer)
@@ -311,7 +311,7 @@ class Runner:
         return GenerationConfig(**kwargs).to_diff_dict()
 
     def prepare(self, prompt: Any, *, chat: bool, system: str | None = None):
-        from tracer.hooks import prepare_generate
+        from tracer.session import prepare_generate
 
         return prepare_generate(self.model, self.tokenizer, prompt, chat=chat, system=system, **self.settings)
 
@@ -378,7 +378,8 @@ class Runner:
         return session.trace, output
 
     def _stop_reason(self, new: list[int], stops: Any) -> str:
+        from tracer.records import StopReason
+
         stops = [stops] if isinstance(stops, int) else list(stops or [])
-        if new and new[-1] in stops:
-            return f"eos:{self.tokenizer.convert_ids_to_tokens(new[-1])}"
-        return "max_length"
+        terminators = {int(i): self.tokenizer.convert_ids_to_tokens(int(i)) for i in stops}
+        return str(StopReason.from_last_token(new[-1] if new else None, terminators))
