@@ -105,7 +105,6 @@ def test_prompt_logprobs_and_prefix_cache(llm, chat_prompts):
     story = "The sea is wide and the waves are blue. " * 60  # > 256 tokens: vLLM caches whole blocks
     long_prompt = tok.apply_chat_template([{"role": "user", "content": story + "Summarize."}], tokenize=False,
                                           add_generation_prompt=True)
-    tracer.vllm_generate(llm, long_prompt, sp)  # fills the prefix cache
     (trace,), (out,) = tracer.vllm_generate(llm, long_prompt, sp, prompt_logprobs=3, return_outputs=True)
     got = prompt_logprobs(trace)
     ids = list(out.prompt_token_ids)
