@@ -2,6 +2,8 @@
 
 Tests that need vLLM call ``pytest.importorskip("vllm")`` at module level, so in the main
 environment (no vLLM) they are collected and skipped; ``make test`` runs them in ``.venv-vllm``.
+(The folder is not called ``tests/vllm``: pytest puts ``tests/`` on ``sys.path``, and a folder
+named ``vllm`` there imports as a namespace package ``vllm`` where vLLM is not installed.)
 ``llm`` is ONE engine per pytest session: starting it takes 25-45 s (it spawns a worker).
 """
 
@@ -40,6 +42,11 @@ def llm():
     core = getattr(engine.llm_engine, "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):  # stop the worker while pytest still logs
         core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def questions():
+    return CHAT_QUESTIONS
 
 
 @pytest.fixture(scope="session")
