@@ -192,3 +192,16 @@ def test_without_vllm_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(VLLMNotInstalledError, match=r"tracer\[vllm\]"):
         tracer.vllm_generate(object(), ["hi"])
+
+
+def test_run_vllm_without_vllm_is_one_cli_error(monkeypatch, tmp_path):
+    from argparse import Namespace
+
+    from tracer.backends.vllm_cli import run_vllm
+    from tracer.cli import CliError
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    args = Namespace(record_attention=False, no_trace=False, trace_dir=None, predictions_file=tmp_path / "p.json")
+    with pytest.raises(CliError, match=r"--use-vllm needs vLLM.*pip install 'tracer\[vllm\]'"):
+        run_vllm(args, ["hi"])
+    assert not (tmp_path / "p.json").exists()

@@ -232,14 +232,16 @@ def traces_from_outputs(
     if len(sps) != len(outputs):
         raise ValueError(f"{len(sps)} sampling parameter sets for {len(outputs)} outputs")
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    texts = _texts(tokenizer)  # one decode per token id for the whole batch
     traces = []
     for out, sp in zip(outputs, sps):
         for completion in out.outputs:
-            traces.append(_trace_of(out, completion, sp, facts, tokenizer, record, wall_time_s, created))
+            traces.append(_trace_of(out, completion, sp, facts, texts, record, wall_time_s, created))
     return traces
 
 
-def _trace_of(out, completion, sp, facts, tokenizer, record, wall_time_s, created) -> Trace:
+def _trace_of(out, completion, sp, facts, text_of, record, wall_time_s, created) -> Trace:
+    tokenizer = text_of.tok
     prompt = [int(i) for i in (out.prompt_token_ids or [])]
     gen = [int(i) for i in completion.token_ids]
     lps = completion.logprobs
@@ -253,9 +255,8 @@ def _trace_of(out, completion, sp, facts, tokenizer, record, wall_time_s, create
     exact = mode.endswith("_logprobs")
     cached = int(getattr(out, "num_cached_tokens", 0) or 0)
     sampled = float(getattr(sp, "temperature", 1.0) or 0.0) >= 1e-5
-    reason = stop_reason_text(completion.finish_reason, completion.stop_reason, gen, facts.eos_token_id, tokenizer)
+    reason = stop_reason_text(completion.finish_reason, completion.stop_reason, gen, facts.eos_token_id, text_of)
     times = _step_times(getattr(out, "metrics", None), len(gen))
-    text_of = _texts(tokenizer)
     n_prompt = len(prompt)
     steps: list[StepRecord] = []
     for i, tok in enumerate(gen):
@@ -298,7 +299,7 @@ def _trace_of(out, completion, sp, facts, tokenizer, record, wall_time_s, create
     for s in steps:
         ids_used.update(int(x) for x in s.stages[0].top.ids.ravel() if x >= 0)
     ordered = sorted(ids_used)
-    meta = _meta(out, completion, sp, facts, tokenizer, record, wall_time_s, created, reason, cached, times)
+    meta = _meta(out, completion, sp, facts, text_of, record, wall_time_s, created, reason, cached, times)
     trace = Trace(
         meta=meta,
         prompts=[out.prompt if out.prompt is not None else text_of.decode(prompt, special=True)],
@@ -357,6 +358,7 @@ def stop_reason_text(finish_reason: Any, stop_reason: Any, gen: Sequence[int], e
     ``length``: ``"max_length"``; ``abort``: ``"abort"``; None: still running."""
     if finish_reason is None:
         return None
+    texts = tokenizer if isinstance(tokenizer, _texts) else _texts(tokenizer)
     fr = str(finish_reason).lower()
     fr = fr.rsplit(".", 1)[-1]  # an enum's str() on some versions
     if fr == "length":
@@ -365,9 +367,9 @@ def stop_reason_text(finish_reason: Any, stop_reason: Any, gen: Sequence[int], e
         if isinstance(stop_reason, str):
             return f"stop_string:{stop_reason}"
         if isinstance(stop_reason, int):
-            return f"stop_token:{_texts(tokenizer).one(int(stop_reason))}"
+            return f"stop_token:{texts.one(int(stop_reason))}"
         last = int(gen[-1]) if gen else eos_token_id
-        return f"eos:{_texts(tokenizer).one(last)}" if last is not None else "eos"
+        return f"eos:{texts.one(last)}" if last is not None else "eos"
     return "abort"
 
 
@@ -408,11 +410,11 @@ def _step_times(metrics: Any, n: int) -> list[float]:
     return [max(first - sched, 0.0)] + [max(decode, 0.0)] * (n - 1)
 
 
-def _meta(out, completion, sp, facts, tokenizer, record, wall_time_s, created, reason, cached, times) -> TraceMeta:
+def _meta(out, completion, sp, facts, texts, record, wall_time_s, created, reason, cached, times) -> TraceMeta:
+    tokenizer = texts.tok
     cfg = dict(facts.hf_config)
     heads = int(cfg.get("num_attention_heads", 0) or 0)
     hidden = int(cfg.get("hidden_size", 0) or 0)
-    texts = _texts(tokenizer)
     stop_ids = [facts.eos_token_id] if facts.eos_token_id is not None else []
     stop_ids += [int(i) for i in (getattr(sp, "stop_token_ids", None) or [])]
     gen_config = sampling_dict(sp)
@@ -511,21 +513,30 @@ def sampling_dict(sp: Any) -> dict[str, Any]:
 
 
 class _texts:
-    """Token texts through the tokenizer (the HF recorder's way), ``<id>`` without one."""
+    """Token texts through the tokenizer (the HF recorder's way: each id decoded alone, special
+    tokens kept, no clean-up), ``<id>`` without one.  Decoded once per id and batch of outputs."""
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
+        self.cache: dict[int, str] = {}
 
     def one(self, tid: int) -> str:
-        return self.each([tid])[tid]
+        return self.each([tid])[int(tid)]
 
     def each(self, ids: Sequence[int]) -> dict[int, str]:
         ids = [int(i) for i in ids]
         if self.tok is None:
             return {i: f"<{i}>" for i in ids}
-        texts = self.tok.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                      clean_up_tokenization_spaces=False)
-        return dict(zip(ids, texts))
+        new = sorted({i for i in ids if i not in self.cache})
+        if new:
+            fast = getattr(self.tok, "backend_tokenizer", None)  # the Rust tokenizer: same text, far cheaper
+            if fast is not None and hasattr(fast, "decode_batch"):
+                texts = fast.decode_batch([[i] for i in new], skip_special_tokens=False)
+            else:
+                texts = self.tok.batch_decode([[i] for i in new], skip_special_tokens=False,
+                                              clean_up_tokenization_spaces=False)
+            self.cache.update(zip(new, texts))
+        return {i: self.cache[i] for i in ids}
 
     def decode(self, ids: Sequence[int], special: bool) -> str:
         if self.tok is None:
