@@ -73,7 +73,7 @@ def main() -> None:
 
     import tracer
     from tracer import RecordConfig
-    from tracer.backends.vllm import EngineFacts, traces_from_outputs, with_logprobs
+    from tracer.backends.vllm import engine_facts, traces_from_outputs, with_logprobs
     from tracer.hooks import encode_prompts
     from tracer.models import embedded_model_path, load_model
 
@@ -105,7 +105,7 @@ def main() -> None:
     for _ in range(args.repeats):  # alternate, so drift on the shared machine hits both
         plain_t.append(untraced())
         traced_t.append(traced())
-    facts = EngineFacts.from_llm(llm)  # the conversion alone, on one batch of outputs
+    facts = engine_facts(llm)  # the conversion alone, on one batch of outputs
     outs = llm.generate(prompts, with_logprobs(sp, args.top_k), use_tqdm=False)
     s = time.perf_counter()
     traces_from_outputs(outs, sp, facts=facts, tokenizer=tok, record=record)

@@ -14,6 +14,7 @@ _LAZY = {
     "traces_from_outputs": ("vllm", "traces_from_outputs"),
     "prompt_logprobs": ("vllm", "prompt_logprobs"),
     "VLLMNotInstalledError": ("vllm", "VLLMNotInstalledError"),
+    "engine_facts": ("vllm", "engine_facts"),
 }
 
 __all__ = list(_LAZY)

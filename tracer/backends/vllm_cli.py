@@ -111,7 +111,7 @@ def run_vllm(
     except ImportError as exc:
         raise _cli_error(f"--use-vllm needs vLLM, which is not installed ({exc}); install the extra: {INSTALL_HINT}") from exc
     from tracer import RecordConfig
-    from tracer.backends.vllm import EngineFacts, traces_from_outputs, with_logprobs
+    from tracer.backends.vllm import engine_facts, traces_from_outputs, with_logprobs
 
     if llm is None:
         kw = llm_kwargs(args)
@@ -126,7 +126,7 @@ def run_vllm(
     sampling = SamplingParams(**config)
     trace = not getattr(args, "no_trace", False)
     record = RecordConfig()
-    facts = EngineFacts.from_llm(llm) if trace else None
+    facts = engine_facts(llm) if trace else None
     trace_dir = getattr(args, "trace_dir", None)
     if trace_dir is not None:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
