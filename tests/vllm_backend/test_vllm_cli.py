@@ -11,11 +11,11 @@ pytest.importorskip("vllm")
 
 from tracer import load_trace  # noqa: E402
 from tracer.backends.vllm import backend_info  # noqa: E402
-from tracer.backends.vllm_cli import generation_config, llm_kwargs, run_vllm  # noqa: E402
+from tracer.backends.vllm_cli import run_vllm  # noqa: E402
 
 
 def cli_args(tmp_path, **kw):
-    base = dict(model=None, tokenizer=None, dtype="float32", gpus=None, seed=0, max_new_tokens=24, do_sample=False,
+    base = dict(model=None, tokenizer=None, dtype="float32", device="auto", gpus=None, seed=0, max_new_tokens=24, do_sample=False,
                 temperature=None, top_k=None, top_p=None, repetition_penalty=None, with_prompt=True,
                 predictions_file=tmp_path / "out" / "p.json", trace_dir=tmp_path / "out" / "t", no_trace=False,
                 record_attention=False, load_in_4bit=False, load_in_8bit=False, attn_implementation=None)
@@ -46,15 +46,3 @@ def test_run_vllm_writes_predictions_generation_config_and_traces(llm, tmp_path)
     plain = run_vllm(cli_args(tmp_path / "plain", no_trace=True, trace_dir=None), prompts, llm=llm)
     assert [r["output"] for r in plain] == [r["output"] for r in results]
     assert [r["stop_reason"] for r in plain] == [r["stop_reason"] for r in results]
-
-
-def test_flags_map_to_llm_and_sampling_params(llm, tmp_path, llama3_tokenizer):
-    kw = llm_kwargs(cli_args(tmp_path, gpus="0,1", dtype="bfloat16"))
-    assert kw["tensor_parallel_size"] == 2 and kw["dtype"] == "bfloat16" and kw["model"].endswith("SmolLM2-135M-Instruct")
-    args = cli_args(tmp_path, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=3)
-    config = generation_config(args, llama3_tokenizer)
-    assert config == {"max_tokens": 24, "temperature": 0.7, "seed": 3, "stop_token_ids": [128001, 128009],
-                      "stop": ["<|eot_id|>", "<|end_of_text|>"], "top_k": 50, "top_p": 0.9,
-                      "repetition_penalty": 1.1}
-    with pytest.raises(Exception, match="record-attention"):
-        run_vllm(cli_args(tmp_path, record_attention=True), ["x"], llm=llm)

@@ -205,3 +205,34 @@ def test_run_vllm_without_vllm_is_one_cli_error(monkeypatch, tmp_path):
     with pytest.raises(CliError, match=r"--use-vllm needs vLLM.*pip install 'tracer\[vllm\]'"):
         run_vllm(args, ["hi"])
     assert not (tmp_path / "p.json").exists()
+
+
+def cli_args(tmp_path, **kw):
+    from argparse import Namespace
+
+    base = dict(model=None, tokenizer=None, dtype="float32", device="auto", gpus=None, seed=0, max_new_tokens=24,
+                do_sample=False, temperature=None, top_k=None, top_p=None, repetition_penalty=None, with_prompt=True,
+                predictions_file=tmp_path / "p.json", trace_dir=None, no_trace=False, record_attention=False,
+                load_in_4bit=False, load_in_8bit=False, attn_implementation=None)
+    base.update(kw)
+    return Namespace(**base)
+
+
+def test_cli_flags_map_to_llm_and_sampling_params(tmp_path, llama3_tokenizer):
+    from tracer.backends.vllm_cli import generation_config, llm_kwargs, run_vllm
+    from tracer.cli import CliError
+
+    kw = llm_kwargs(cli_args(tmp_path, gpus="0,1", dtype="bfloat16"))
+    assert kw["tensor_parallel_size"] == 2 and kw["dtype"] == "bfloat16" and kw["model"].endswith("SmolLM2-135M-Instruct")
+    assert not kw["enforce_eager"]  # GPUs: vLLM's compiled graphs
+    kw = llm_kwargs(cli_args(tmp_path, dtype="auto", device="cpu"))  # the transformers path's rule: fp32 on CPU
+    assert (kw["dtype"], kw["tensor_parallel_size"], kw["enforce_eager"]) == ("float32", 1, True)
+    args = cli_args(tmp_path, do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=3)
+    config = generation_config(args, llama3_tokenizer)
+    assert config == {"max_tokens": 24, "temperature": 0.7, "seed": 3, "stop_token_ids": [128001, 128009],
+                      "stop": ["<|eot_id|>", "<|end_of_text|>"], "top_k": 50, "top_p": 0.9,
+                      "repetition_penalty": 1.1}
+    with pytest.raises(CliError, match="record-attention"):
+        run_vllm(cli_args(tmp_path, record_attention=True), ["x"], llm=object())
+    with pytest.raises(CliError, match="bitsandbytes"):
+        llm_kwargs(cli_args(tmp_path, load_in_4bit=True))

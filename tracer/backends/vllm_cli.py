@@ -30,17 +30,21 @@ def _cli_error(message: str) -> Exception:
 
 def llm_kwargs(args: Any) -> dict[str, Any]:
     """``LLM(...)`` arguments from the CLI flags (``--gpus 0,1`` → ``tensor_parallel_size=2``)."""
-    from tracer.models import embedded_model_path
+    from tracer.models import embedded_model_path, resolve_device, resolve_dtype
 
     model = str(args.model) if getattr(args, "model", None) else str(embedded_model_path())
     gpus = [g for g in str(getattr(args, "gpus", None) or "").split(",") if g.strip()]
-    dtype = getattr(args, "dtype", "auto") or "auto"
+    device = resolve_device("cuda" if gpus else getattr(args, "device", "auto"))
+    # the transformers path's dtype rule ("auto": fp32 off CUDA), not vLLM's (it would pick bf16 on CPU)
+    dtype = str(resolve_dtype(getattr(args, "dtype", "auto"), device)).removeprefix("torch.")
     kw: dict[str, Any] = {
         "model": model,
         "dtype": dtype,
         "tensor_parallel_size": max(len(gpus), 1),
         "seed": int(getattr(args, "seed", 0) or 0),
         "disable_log_stats": False,  # per-request timing for the traces and the summary
+        # on CPU, vLLM's torch.compile warm-up costs ~100 s here before the first token
+        "enforce_eager": device.type == "cpu",
     }
     tok = getattr(args, "tokenizer", None)
     if tok and Path(str(tok)).is_dir():
