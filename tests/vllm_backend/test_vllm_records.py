@@ -219,7 +219,7 @@ def cli_args(tmp_path, **kw):
 
 
 def test_cli_flags_map_to_llm_and_sampling_params(tmp_path, llama3_tokenizer):
-    from tracer.backends.vllm_cli import generation_config, llm_kwargs, run_vllm
+    from tracer.backends.vllm_cli import generation_config, llm_kwargs, run_vllm, stop_settings
     from tracer.cli import CliError
 
     kw = llm_kwargs(cli_args(tmp_path, gpus="0,1", dtype="bfloat16"))
@@ -232,6 +232,10 @@ def test_cli_flags_map_to_llm_and_sampling_params(tmp_path, llama3_tokenizer):
     assert config == {"max_tokens": 24, "temperature": 0.7, "seed": 3, "stop_token_ids": [128001, 128009],
                       "stop": ["<|eot_id|>", "<|end_of_text|>"], "top_k": 50, "top_p": 0.9,
                       "repetition_penalty": 1.1}
+    # a ChatML vocabulary has neither Llama-3 stop string: none is passed
+    smol = NS(eos_token_id=2, get_vocab=lambda: {"<|im_end|>": 2, "a": 3})
+    assert stop_settings(smol) == ([2], [])
+    assert "stop" not in generation_config(cli_args(tmp_path), smol)
     with pytest.raises(CliError, match="record-attention"):
         run_vllm(cli_args(tmp_path, record_attention=True), ["x"], llm=object())
     with pytest.raises(CliError, match="bitsandbytes"):
