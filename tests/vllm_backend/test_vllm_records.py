@@ -240,3 +240,22 @@ def test_cli_flags_map_to_llm_and_sampling_params(tmp_path, llama3_tokenizer):
         run_vllm(cli_args(tmp_path, record_attention=True), ["x"], llm=object())
     with pytest.raises(CliError, match="bitsandbytes"):
         llm_kwargs(cli_args(tmp_path, load_in_4bit=True))
+
+
+def test_token_bytes_rebuild_multibyte_text(embedded_tokenizer):
+    from tracer.backends.vllm_convert import token_bytes
+
+    tok = embedded_tokenizer
+    text = "为什么 café"
+    ids = tok.encode(text, add_special_tokens=False)
+    raw = token_bytes(tok, ids)
+    assert b"".join(raw[i] for i in ids).decode("utf-8") == text
+    assert token_bytes(tok, [tok.eos_token_id]) == {tok.eos_token_id: b"<|im_end|>"}
+    assert token_bytes(None, ids) is None
+
+
+@pytest.fixture(scope="module")
+def embedded_tokenizer():
+    from tracer.models import embedded_model_path, load_tokenizer
+
+    return load_tokenizer(embedded_model_path())

@@ -162,9 +162,9 @@ def _trace_of(out, completion, sp, facts, text_of, record, wall_time_s, created)
         blobs=blobs,
         output_text=[str(completion.text)],
     )
-    token_bytes = _token_bytes(tokenizer, ordered)
-    if token_bytes is not None and hasattr(trace, "token_bytes"):
-        trace.token_bytes = token_bytes
+    raw = token_bytes(tokenizer, ordered) if hasattr(trace, "token_bytes") else None
+    if raw is not None:
+        trace.token_bytes = raw
     return trace
 
 
@@ -394,24 +394,36 @@ class TokenTexts:
         return self.tok.decode(list(ids), skip_special_tokens=not special)
 
 
-def _token_bytes(tokenizer: Any, ids: Sequence[int]) -> dict[int, bytes] | None:
-    """Raw bytes per token for byte-level BPE vocabularies (GPT-2 byte alphabet), else None."""
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable stand-in character → byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def token_bytes(tokenizer: Any, ids: Sequence[int]) -> dict[int, bytes] | None:
+    """Raw bytes per token id for byte-level BPE vocabularies (special tokens: their UTF-8 text);
+    None without a tokenizer that names its tokens."""
     if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
         return None
-    try:
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-    except ImportError:  # pragma: no cover
-        return None
-    decoder = {v: k for k, v in bytes_to_unicode().items()}
     out = {}
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for tid, piece in zip(ids, tokenizer.convert_ids_to_tokens([int(i) for i in ids])):
         if piece is None:
             continue
-        if int(tid) in special or any(ch not in decoder for ch in piece):
+        if int(tid) in special or any(ch not in _BYTE_DECODER for ch in piece):
             out[int(tid)] = piece.encode("utf-8")
         else:
-            out[int(tid)] = bytes(decoder[ch] for ch in piece)
+            out[int(tid)] = bytes(_BYTE_DECODER[ch] for ch in piece)
     return out
 
 
