@@ -109,6 +109,7 @@ def run_vllm(
     results arrive."""
     if getattr(args, "record_attention", False):
         raise _cli_error("--record-attention is not available with --use-vllm (vLLM does not expose attention)")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the CLI's output
     try:
         import vllm  # noqa: F401
         from vllm import SamplingParams
