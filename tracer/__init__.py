@@ -26,6 +26,7 @@ _LAZY = {
     "ModelLoadError": ("models", "ModelLoadError"),
     "load_trace": ("storage", "load_trace"),
     "save_trace": ("storage", "save_trace"),
+    "vllm_generate": ("backends.vllm", "vllm_generate"),
     "viz": ("viz", None),
 }
 

@@ -1,0 +1,204 @@
+"""``tracer run --use-vllm``: the seed script's vLLM path, traced.
+
+The CLI calls :func:`run_vllm` with its parsed arguments and the prompts; it returns one dict
+per prompt with the fields of the CLI's ``Result`` (``prompt, output, new_tokens, stop_reason,
+time_s, notes``), and writes, as the seed does, the predictions JSON with
+``generation_config.json`` beside it, plus one trace per prompt in ``--trace-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .vllm import INSTALL_HINT, VLLMNotInstalledError, stop_reason_text
+
+#: The seed's stop strings; kept where the tokenizer's vocabulary has them.
+SEED_STOP_STRINGS = ("<|eot_id|>", "<|end_of_text|>")
+
+
+def _cli_error(message: str) -> Exception:
+    try:
+        from tracer.cli import CliError
+    except ImportError:  # pragma: no cover - the CLI module always exists
+        return RuntimeError(message)
+    return CliError(message)
+
+
+def llm_kwargs(args: Any) -> dict[str, Any]:
+    """``LLM(...)`` arguments from the CLI flags (``--gpus 0,1`` → ``tensor_parallel_size=2``)."""
+    from tracer.models import embedded_model_path, resolve_device, resolve_dtype
+
+    model = str(args.model) if getattr(args, "model", None) else str(embedded_model_path())
+    gpus = [g for g in str(getattr(args, "gpus", None) or "").split(",") if g.strip()]
+    device = resolve_device("cuda" if gpus else getattr(args, "device", "auto"))
+    # the transformers path's dtype rule ("auto": fp32 off CUDA), not vLLM's (it would pick bf16 on CPU)
+    dtype = str(resolve_dtype(getattr(args, "dtype", "auto"), device)).removeprefix("torch.")
+    kw: dict[str, Any] = {
+        "model": model,
+        "dtype": dtype,
+        "tensor_parallel_size": max(len(gpus), 1),
+        "seed": int(getattr(args, "seed", 0) or 0),
+        "disable_log_stats": False,  # per-request timing for the traces and the summary
+        # on CPU, vLLM's torch.compile warm-up costs ~100 s here before the first token
+        "enforce_eager": device.type == "cpu",
+    }
+    tok = getattr(args, "tokenizer", None)
+    if tok and Path(str(tok)).is_dir():
+        kw["tokenizer"] = str(tok)
+    elif tok:
+        raise _cli_error(f"--use-vllm needs --tokenizer to be a tokenizer folder, not {tok!r}")
+    if getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False):
+        raise _cli_error("--load-in-4bit/--load-in-8bit are bitsandbytes options of the transformers path, not --use-vllm")
+    if getattr(args, "attn_implementation", None):
+        raise _cli_error("--attn-implementation is a transformers option; vLLM picks its own attention backend")
+    return kw
+
+
+def stop_settings(tokenizer: Any) -> tuple[list[int], list[str]]:
+    """(``stop_token_ids``: the terminators, ``stop``: the seed's stop strings the vocab has)."""
+    from tracer.models import terminators
+
+    vocab = tokenizer.get_vocab()
+    return terminators(tokenizer), [s for s in SEED_STOP_STRINGS if s in vocab]
+
+
+def generation_config(args: Any, tokenizer: Any) -> dict[str, Any]:
+    """``SamplingParams(**generation_config)`` from the same flags as the transformers path."""
+    stop_ids, stops = stop_settings(tokenizer)
+    config: dict[str, Any] = {
+        "max_tokens": int(args.max_new_tokens),
+        "temperature": (args.temperature if args.temperature is not None else 1.0) if args.do_sample else 0.0,
+        "seed": int(getattr(args, "seed", 0) or 0),
+        "stop_token_ids": stop_ids,
+    }
+    if stops:
+        config["stop"] = stops
+    if args.do_sample:  # greedy ignores them in vLLM too; keep the file what was used
+        for flag in ("top_k", "top_p"):
+            value = getattr(args, flag, None)
+            if value is not None:
+                config[flag] = value
+    if getattr(args, "repetition_penalty", None) is not None:
+        config["repetition_penalty"] = args.repetition_penalty
+    return config
+
+
+def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
+    if not chat:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def run_vllm(
+    args: Any,
+    prompts: Iterable[str],
+    tokenizer: Any = None,
+    *,
+    llm: Any = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate with vLLM; return one ``Result``-like dict per prompt (see the module doc).
+
+    A list of prompts goes to vLLM as one batch; any other iterable (``--interactive``) is run
+    one prompt at a time.  ``llm``: an engine to reuse (tests); default: built from the flags.
+    ``tokenizer`` defaults to the engine's own.  ``on_result(index, result)`` is called as
+    results arrive."""
+    if getattr(args, "record_attention", False):
+        raise _cli_error("--record-attention is not available with --use-vllm (vLLM does not expose attention)")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the CLI's output
+    try:
+        import vllm  # noqa: F401
+        from vllm import SamplingParams
+    except ImportError as exc:
+        raise _cli_error(f"--use-vllm needs vLLM, which is not installed ({exc}); install the extra: {INSTALL_HINT}") from exc
+    from tracer import RecordConfig
+    from tracer.backends.vllm import engine_facts, traces_from_outputs, with_logprobs
+
+    if llm is None:
+        kw = llm_kwargs(args)
+        gpus = str(getattr(args, "gpus", None) or "")
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        from vllm import LLM
+
+        llm = LLM(**kw)
+    tok = tokenizer if tokenizer is not None else llm.get_tokenizer()
+    config = generation_config(args, tok)
+    sampling = SamplingParams(**config)
+    trace = not getattr(args, "no_trace", False)
+    record = RecordConfig()
+    facts = engine_facts(llm) if trace else None
+    trace_dir = getattr(args, "trace_dir", None)
+    if trace_dir is not None:
+        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+
+    batches: Iterable[list[str]] = [list(prompts)] if isinstance(prompts, (list, tuple)) else ([p] for p in prompts)
+    results: list[dict[str, Any]] = []
+    for batch in batches:
+        if not batch:
+            continue
+        texts = [format_prompt(tok, p, bool(getattr(args, "with_prompt", False))) for p in batch]
+        asked = with_logprobs(sampling, record.top_k) if trace else sampling
+        start = time.perf_counter()
+        outputs = llm.generate(texts, asked, use_tqdm=False)
+        wall = time.perf_counter() - start
+        traces = (traces_from_outputs(outputs, sampling, facts=facts, tokenizer=tok, record=record, wall_time_s=wall)
+                  if trace else [None] * len(outputs))
+        for prompt, out, tr in zip(batch, outputs, traces):
+            index = len(results)
+            comp = out.outputs[0]
+            result = {
+                "prompt": prompt,
+                # a max_tokens cut can split a multi-byte character: drop its replacement char
+                "output": comp.text.strip().rstrip("\ufffd"),
+                "new_tokens": len(comp.token_ids),
+                "stop_reason": str(stop_reason_text(comp.finish_reason, comp.stop_reason, list(comp.token_ids),
+                                                    getattr(tok, "eos_token_id", None), tok)),
+                "time_s": _request_seconds(out, wall),
+                "notes": [],
+            }
+            if tr is not None and trace_dir is not None:
+                base = Path(trace_dir) / f"prompt_{index:03d}"
+                tr.save(base.with_suffix(".trace"))
+                try:
+                    tr.to_html(base.with_suffix(".html"))
+                except (AttributeError, NotImplementedError) as exc:
+                    result["notes"].append(f"skipped to_html for prompt {index}: {exc or 'not implemented'}")
+            results.append(result)
+            if on_result is not None:
+                on_result(index, result)
+
+    predictions = getattr(args, "predictions_file", None)
+    if predictions is not None:
+        write_predictions(Path(predictions), results, config)
+    elif trace_dir is not None:
+        _write_json(Path(trace_dir) / "generation_config.json", config)
+    return results
+
+
+def _request_seconds(out: Any, wall: float) -> float:
+    """Seconds from scheduling to the last token (vLLM's request stats), else the batch wall time."""
+    m = getattr(out, "metrics", None)
+    if m is not None and getattr(m, "last_token_ts", 0.0) and getattr(m, "scheduled_ts", 0.0):
+        return float(m.last_token_ts - m.scheduled_ts)
+    return float(wall)
+
+
+def write_predictions(path: Path, results: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    """The predictions JSON (``[{"input", "output"}]``) and ``generation_config.json`` beside it
+    (the ``SamplingParams(**config)`` arguments, as the seed writes them)."""
+    _write_json(path, [{"input": r["prompt"], "output": r["output"]} for r in results])
+    _write_json(path.parent / "generation_config.json", config)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+__all__ = ["run_vllm", "llm_kwargs", "generation_config", "stop_settings", "write_predictions",
+           "VLLMNotInstalledError"]
