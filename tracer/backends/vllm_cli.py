@@ -100,13 +100,16 @@ def run_vllm(
     *,
     llm: Any = None,
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    on_config: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate with vLLM; return one ``Result``-like dict per prompt (see the module doc).
 
     A list of prompts goes to vLLM as one batch; any other iterable (``--interactive``) is run
     one prompt at a time.  ``llm``: an engine to reuse (tests); default: built from the flags.
     ``tokenizer`` defaults to the engine's own.  ``on_result(index, result)`` is called as
-    results arrive."""
+    results arrive.  ``on_config(config)``: when given, it receives the ``SamplingParams``
+    arguments and the caller writes the predictions and ``generation_config.json`` itself (the
+    ``tracer run`` command does, after every answer); else they are written at the end."""
     if getattr(args, "record_attention", False):
         raise _cli_error("--record-attention is not available with --use-vllm (vLLM does not expose attention)")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury the CLI's output
@@ -128,6 +131,8 @@ def run_vllm(
         llm = LLM(**kw)
     tok = tokenizer if tokenizer is not None else llm.get_tokenizer()
     config = generation_config(args, tok)
+    if on_config is not None:
+        on_config(config)
     sampling = SamplingParams(**config)
     trace = not getattr(args, "no_trace", False)
     record = RecordConfig()
@@ -173,7 +178,9 @@ def run_vllm(
                 on_result(index, result)
 
     predictions = getattr(args, "predictions_file", None)
-    if predictions is not None:
+    if on_config is not None:
+        pass  # the caller writes them
+    elif predictions is not None:
         write_predictions(Path(predictions), results, config)
     elif trace_dir is not None:
         _write_json(Path(trace_dir) / "generation_config.json", config)

@@ -214,8 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.use_vllm:
             backend = _vllm_backend()
-            writer.write_generation_config(generation_settings(args))
-            backend.run_vllm(args, prompts, emit)
+            backend.run_vllm(args, prompts, on_result=lambda i, r: emit(i, Result(**r)),
+                             on_config=writer.write_generation_config)
         else:
             runner = Runner(args)
             writer.write_generation_config(runner.generation_config())
