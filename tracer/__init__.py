@@ -33,6 +33,10 @@ _LAZY = {
     "load_trace": ("storage", "load_trace"),
     "save_trace": ("storage", "save_trace"),
     "viz": ("viz", None),
+    "compare": ("analysis", "compare"),
+    "replay": ("analysis", "replay"),
+    "branch": ("analysis", "branch"),
+    "reprocess": ("analysis", "reprocess"),
 }
 
 __all__ = [
