@@ -12,7 +12,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_tokenize.ipynb", "02_generate_loop.ipynb", "03_attention.ipynb"]
+NAMES = ["01_tokenize.ipynb", "02_generate_loop.ipynb", "03_attention.ipynb", "04_compare.ipynb"]
 
 
 def test_all_notebooks_are_listed():
