@@ -63,6 +63,11 @@ EXPECTED: dict[str, dict[str, int]] = {
         ".jp-OutputArea-output .widget-image": 2,  # grid and enlarged head
         ".jp-OutputArea-output img": 5,  # + the static figures
     },
+    "04_compare.ipynb": {
+        ".jp-OutputArea-output .widget-slider [role=slider]": 1,  # the comparison view's step slider
+        ".jp-OutputArea-output .js-plotly-plot": 1,  # its |Δ log-prob| / KL plot
+        ".jp-OutputArea-output img": 1,  # the forward-replay figure
+    },
 }
 
 

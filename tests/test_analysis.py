@@ -189,13 +189,17 @@ def test_incremental_replay_tiny_reproduces_every_stage(tiny_model):
 
 
 def test_trace_table(tiny_model):
-    t = _tiny_trace(tiny_model)
+    torch.manual_seed(0)
+    t = _tiny_trace(tiny_model, **SAMPLING)
     df = t.table()
     assert df.equals(trace_table(t))
     assert len(df) == sum(t.num_new_tokens)
-    first = df[(df.seq == 1)].iloc[2]
-    assert first.token == t.steps[2].chosen[1]
-    assert first.logprob == pytest.approx(float(t.steps[2].stages[0].chosen_logprob[1]))
+    row = df[(df.seq == 1)].iloc[2]
+    assert row.token == t.steps[2].chosen[1] and row.kind == "decode"
+    assert row.logprob == float(t.steps[2].stages[0].chosen_logprob[1])  # raw logits
+    assert row.final_logprob == float(t.steps[2].stages[-1].chosen_logprob[1])  # after the warpers
+    assert row.logprob != row.final_logprob
+    assert row.n_masked == int(t.steps[2].stages[-1].n_masked[1]) > 0
 
 
 # ----------------------------------------------------------------------------------------
