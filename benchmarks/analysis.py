@@ -38,7 +38,6 @@ if str(REPO_ROOT) not in sys.path:
 os.environ.setdefault("TRACER_CACHE_DIR", str(REPO_ROOT / ".cache" / "tracer"))
 
 import tracer  # noqa: E402
-from tracer import RecordConfig  # noqa: E402
 from tracer.records import replace  # noqa: E402
 from tracer.testing import make_trace  # noqa: E402
 

@@ -14,7 +14,7 @@ import torch
 import tracer
 from tracer import RecordConfig
 from tracer.analysis import CompareError, compare, trace_table
-from tracer.records import MemoryStore, blob_key, replace
+from tracer.records import MemoryStore, replace
 from tracer.testing import make_trace
 
 from conftest import make_inputs
@@ -346,3 +346,21 @@ def test_cli_compare_errors(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(CompareError, match="stage 'bogus'"):
         cmd_compare(_cli_args(tmp_path, a, a, stage="bogus"))
+
+
+def test_compare_reads_a_logprob_stage_like_vllm():
+    """A vLLM trace holds one stage of log-probs (log-sum-exp 0): compare reads stage 0 whatever
+    it holds, so the same distribution recorded either way compares equal."""
+    a = make_trace(batch=2, steps=5, attention=False)
+    steps = []
+    for rec in a.steps:
+        raw = rec.stages[0]
+        lp = (raw.top.values - raw.top.logsumexp[:, None]).astype(np.float32)
+        top = dataclasses.replace(raw.top, values=lp, logsumexp=np.zeros_like(raw.top.logsumexp))
+        steps.append(replace(rec, stages=(replace(raw, name="logprobs", top=top),)))
+    v = dataclasses.replace(a, steps=steps)
+    d = compare(a, v)
+    df = d.table()
+    assert d.first_divergence == [None, None] and (df["abs_dlogprob"] == 0).all()
+    assert (df["topk_overlap"] == 1).all() and df["kl"].max() < 1e-6
+    assert compare(a, v, stage="final").stage_b == 0
