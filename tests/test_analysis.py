@@ -364,3 +364,23 @@ def test_compare_reads_a_logprob_stage_like_vllm():
     assert d.first_divergence == [None, None] and (df["abs_dlogprob"] == 0).all()
     assert (df["topk_overlap"] == 1).all() and df["kl"].max() < 1e-6
     assert compare(a, v, stage="final").stage_b == 0
+
+
+def test_benchmark_functions_on_tiny_model(tiny_model):
+    """Smoke test of benchmarks/analysis.py (structure, not timing)."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("tracer_benchmark_analysis", REPO_ROOT / "benchmarks" / "analysis.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    rep = bench.bench_replay(tiny_model, None, make_inputs(batch=1, seq=5), tokens=4, repeats=1)
+    assert set(rep["median_s"]) == {"plain", "traced", "replay_incremental", "replay_forward"}
+    assert rep["x_traced"]["traced"] == 1.0
+    comp = bench.bench_compare(steps=64, repeats=1)
+    assert comp["steps"] == 64 and comp["median_s"] > 0
+    text = bench.report(rep, comp, "tiny")
+    assert "× original (traced)" in text and "1,024-token pair" in text
