@@ -119,3 +119,18 @@ def test_quantized_loads_and_traces_identically(quantized, fp32_trace):
     assert (comparable["kl"] > 0).all()  # quantization moves every distribution a little
     if bits == 4:  # nf4 answers differently from fp32 on this prompt (checked in DESIGN.md)
         assert d.first_divergence[0] is not None
+
+
+def test_int8_cast_message_shown_once(caplog):
+    import logging
+
+    models._quantization_config(False, torch.float32)
+    models._quantization_config(False, torch.float32)  # idempotent: one filter
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    assert sum(isinstance(f, models._OnceFilter) for f in log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        for _ in range(3):
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        log.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("inputs will be cast" in m for m in messages) <= 1 and "something else" in messages

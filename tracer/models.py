@@ -316,6 +316,30 @@ def _check_quantization(load_in_4bit: bool, load_in_8bit: bool, device: Any) -> 
         raise ModelLoadError(f"{flag} needs bitsandbytes>=0.49 (4-/8-bit on CPU); bitsandbytes {version} is installed")
 
 
+class _OnceFilter:
+    """Logging filter: let a message through the first time only."""
+
+    def __init__(self, fragment: str):
+        self.fragment = fragment
+        self.seen = False
+
+    def filter(self, record: Any) -> bool:
+        if self.fragment not in record.getMessage():
+            return True
+        shown, self.seen = self.seen, True
+        return not shown
+
+
+def _quiet_int8_cast_message() -> None:
+    """bitsandbytes' int8 matmul on CPU logs that it casts fp32 inputs to fp16 on every call
+    (hundreds of lines per answer): show it once per process."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in log.filters):
+        log.addFilter(_OnceFilter("inputs will be cast from"))
+
+
 def _quantization_config(load_in_4bit: bool, torch_dtype: Any):
     """The seed script's settings: nf4 with double quantization, computing in the load dtype."""
     from transformers import BitsAndBytesConfig
@@ -323,6 +347,7 @@ def _quantization_config(load_in_4bit: bool, torch_dtype: Any):
     if load_in_4bit:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch_dtype)
+    _quiet_int8_cast_message()
     return BitsAndBytesConfig(load_in_8bit=True)
 
 

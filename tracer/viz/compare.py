@@ -127,10 +127,13 @@ def compare_html(diff: "Comparison", k: int = 10, context: int = 1) -> str:
 
 def compare_figure(diff: "Comparison", seq: int = 0):
     """matplotlib Figure: per-step |Δ log-prob| and KL, the first divergence as a dashed line."""
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
 
     arr = diff.arrays(seq)
-    fig = Figure(figsize=(7, 2.6))
+    # made through pyplot so a notebook's inline backend displays it, then closed at once so
+    # pyplot keeps no reference (the figure still draws and saves)
+    fig = plt.figure(figsize=(7, 2.6))
+    plt.close(fig)
     ax = fig.add_subplot(111)
     ax.plot(arr["step"], arr["abs_dlogprob"].astype(float), label="|Δ log-prob| (shared token)")
     ax.plot(arr["step"], arr["kl"].astype(float), label="KL(a‖b)" + ("" if arr["kl_exact"].all() else " (lower bound)"))
