@@ -114,8 +114,8 @@ def report(replay: dict[str, Any], comp: dict[str, Any], subject: str) -> str:
         "| run | median s | × original (traced) | × plain generate |", "|---|---:|---:|---:|",
     ]
     what = {"plain": "plain `generate`", "traced": "original: traced `generate`",
-            "replay_incremental": "`replay(mode=\"incremental\")` (|Δ log-prob| = 0 asserted)",
-            "replay_forward": "`replay(mode=\"forward\")` (|Δ log-prob| < 1e-4 asserted)"}
+            "replay_incremental": "`replay(mode=\"incremental\")` (\\|Δ log-prob\\| = 0 asserted)",
+            "replay_forward": "`replay(mode=\"forward\")` (\\|Δ log-prob\\| < 1e-4 asserted)"}
     for name, label in what.items():
         lines.append(f"| {label} | {replay['median_s'][name]:.3f} | **{replay['x_traced'][name]:.2f}×** | "
                      f"{replay['x_plain'][name]:.2f}× |")
