@@ -6,7 +6,7 @@ generation, and ``tracer.compare`` on a 1,024-token pair.
 Replay: one fixed chat prompt, greedy, ``min_new_tokens == max_new_tokens`` so every run does
 the same work.  Plain ``generate``, the traced generation (the "original"), the incremental
 replay and the forward replay are timed interleaved round by round after one warm-up, so a slow
-patch of a shared machine hits them all alike; ratios are of medians from the same run.  The
+patch of a shared machine hits them all alike; a ratio is the median of the per-round ratios.  The
 incremental replay is asserted to reproduce the original's raw logits exactly (|Δ log-prob| = 0)
 and the forward replay to stay within 1e-4.
 
@@ -81,8 +81,12 @@ def bench_replay(model: Any, tok: Any, inputs: dict[str, torch.Tensor], tokens: 
                 assert d.first_divergence == [None] * original.batch_size
                 assert worst == 0 if name == "replay_incremental" else worst < 1e-4, (name, worst)
     med = {name: statistics.median(v) for name, v in times.items()}
-    return {"tokens": tokens, "repeats": repeats, "median_s": med,
-            "x_traced": {n: med[n] / med["traced"] for n in med}, "x_plain": {n: med[n] / med["plain"] for n in med}}
+    # ratios paired within a round (the four runs of a round are back to back), then the median:
+    # robust to the load of a shared machine changing between rounds
+    paired = {ref: {n: statistics.median(a / b for a, b in zip(times[n], times[ref])) for n in times}
+              for ref in ("traced", "plain")}
+    return {"tokens": tokens, "repeats": repeats, "median_s": med, "x_traced": paired["traced"],
+            "x_plain": paired["plain"]}
 
 
 def bench_compare(steps: int = 1024, repeats: int = 3, top_k: int = 10) -> dict[str, Any]:
@@ -110,7 +114,8 @@ def report(replay: dict[str, Any], comp: dict[str, Any], subject: str) -> str:
         f"load average {load:.1f} at the end", "",
         f"## Replay vs the original generation ({subject})", "",
         f"{replay['tokens']} new tokens, greedy, one chat prompt; {replay['repeats']} interleaved runs after one warm-up; "
-        "median seconds; the original is the traced generation (`RecordConfig()`).", "",
+        "median seconds; ratios are medians of the ratios paired within each round; the original is the "
+        "traced generation (`RecordConfig()`).", "",
         "| run | median s | × original (traced) | × plain generate |", "|---|---:|---:|---:|",
     ]
     what = {"plain": "plain `generate`", "traced": "original: traced `generate`",
