@@ -65,6 +65,11 @@ EXPECTED: dict[str, dict[str, int]] = {
         ".jp-OutputArea-output .widget-image": 2,  # grid and enlarged head
         ".jp-OutputArea-output img": 7,  # + the static figures (KV growth, structure, grid, head, sinks, lens)
     },
+    "04_compare.ipynb": {
+        ".jp-OutputArea-output .widget-slider [role=slider]": 1,  # the comparison view's step slider
+        ".jp-OutputArea-output .js-plotly-plot": 1,  # its |Δ log-prob| / KL plot
+        ".jp-OutputArea-output img": 1,  # the forward-replay figure
+    },
     "05_seed_script.ipynb": {
         ".jp-OutputArea-output img": 1,  # the two-turn cache figure
     },
@@ -74,6 +79,7 @@ EXPECTED_SAVED: dict[str, int] = {
     "01_tokenize.ipynb": 0,
     "02_generate_loop.ipynb": 2,
     "03_attention.ipynb": 5,
+    "04_compare.ipynb": 1,
     "05_seed_script.ipynb": 1,
 }
 

@@ -24,6 +24,7 @@ NAMES = [
     "01_tokenize.ipynb",
     "02_generate_loop.ipynb",
     "03_attention.ipynb",
+    "04_compare.ipynb",
     "05_seed_script.ipynb",
 ]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

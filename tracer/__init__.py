@@ -28,6 +28,10 @@ _LAZY = {
     "save_trace": ("storage", "save_trace"),
     "vllm_generate": ("backends.vllm", "vllm_generate"),
     "viz": ("viz", None),
+    "compare": ("analysis", "compare"),
+    "replay": ("analysis", "replay"),
+    "branch": ("analysis", "branch"),
+    "reprocess": ("analysis", "reprocess"),
 }
 
 __all__ = [

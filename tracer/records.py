@@ -475,6 +475,12 @@ class Trace:
             for name in ("entropy", "sink", "argmax")
         }
 
+    def table(self) -> Any:
+        """pandas DataFrame of the steps, one row per sequence × step (``tracer.analysis``)."""
+        from .analysis.table import trace_table
+
+        return trace_table(self)
+
     def summary(self) -> dict[str, Any]:
         return {
             "model": self.meta.model_name,

@@ -50,6 +50,7 @@ from .attention import (
 )
 from .shared import backend_of, missing_note
 from .cache import cache_growth, cache_growth_figure, cache_text
+from .compare import compare, compare_figure, compare_html, compare_text  # eager: the function, not the module
 from .steps import (
     _step_explorer_class,
     processor_waterfall_figure,
