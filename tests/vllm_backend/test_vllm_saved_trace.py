@@ -67,5 +67,8 @@ def test_fixture_widgets_build(trace):
     from tracer import viz
 
     assert viz.step_explorer(trace) is not None
-    tab = viz.show(trace)  # only the views this backend has data for
-    assert len(tab.children) == 2
+    tab = viz.show(trace)  # steps and tokens, and a "not recorded by this backend" note for the rest
+    titles = [tab.get_title(i) for i in range(len(tab.children))]
+    assert titles == ["steps", "tokens", "attention", "cache"]
+    for note in tab.children[2:]:
+        assert "not recorded by this backend" in note.value
