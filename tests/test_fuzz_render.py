@@ -34,7 +34,7 @@ matplotlib.use("Agg")
 
 from tracer import viz  # noqa: E402
 
-BYTE_EXAMPLES = 200
+BYTE_EXAMPLES = 300
 JSON_EXAMPLES = 200
 _BASE: dict[str, Path] = {}
 
@@ -134,7 +134,7 @@ def test_fuzz_render_mutated_files():
     case()
     print(f"render fuzz (bytes): {sum(runs[k] for k in ('loaded', 'rejected'))} cases {dict(runs)}")
     assert runs["loaded"] + runs["rejected"] >= BYTE_EXAMPLES * 0.9
-    assert runs["rendered"] >= 20  # enough loadable mutants went through every view (25 of 200 here)
+    assert runs["rendered"] >= 20  # enough loadable mutants went through every view (about 1 in 10)
     assert runs["rendered"] + runs["refused"] == runs["loaded"]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tracer
-from tracer import models
+from tracer import models, quantization
 from tracer.models import ModelLoadError, load_model
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -53,11 +53,11 @@ def test_quantization_on_other_devices_refused(monkeypatch):
 
 def test_seed_settings():
     pytest.importorskip("transformers")
-    cfg = models._quantization_config(True, torch.float32)
+    cfg = quantization.quantization_config(True, torch.float32)
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
     assert cfg.bnb_4bit_compute_dtype == torch.float32
-    assert models._quantization_config(True, torch.bfloat16).bnb_4bit_compute_dtype == torch.bfloat16
-    eight = models._quantization_config(False, torch.float32)
+    assert quantization.quantization_config(True, torch.bfloat16).bnb_4bit_compute_dtype == torch.bfloat16
+    eight = quantization.quantization_config(False, torch.float32)
     assert eight.load_in_8bit and not eight.load_in_4bit
 
 
@@ -124,10 +124,10 @@ def test_quantized_loads_and_traces_identically(quantized, fp32_trace):
 def test_int8_cast_message_shown_once(caplog):
     import logging
 
-    models._quantization_config(False, torch.float32)
-    models._quantization_config(False, torch.float32)  # idempotent: one filter
+    quantization.quantization_config(False, torch.float32)
+    quantization.quantization_config(False, torch.float32)  # idempotent: one filter
     log = logging.getLogger("bitsandbytes.autograd._functions")
-    assert sum(isinstance(f, models._OnceFilter) for f in log.filters) == 1
+    assert sum(isinstance(f, quantization.OnceFilter) for f in log.filters) == 1
     with caplog.at_level(logging.WARNING, logger=log.name):
         for _ in range(3):
             log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)

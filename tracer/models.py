@@ -14,13 +14,14 @@ import contextlib
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .quantization import check_quantization, quantization_config
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
@@ -298,63 +299,6 @@ def _resolve_model_folder(path: str | os.PathLike | None) -> Path:
     raise ModelLoadError(f"not a model folder: {p} (expected config.json or a .gguf file)")
 
 
-#: bitsandbytes runs 4-bit and 8-bit layers on CPU from this version on.
-_BNB_MIN_VERSION = (0, 49)
-
-
-def _check_quantization(load_in_4bit: bool, load_in_8bit: bool, device: Any) -> None:
-    """Refuse a quantized load that cannot work, before anything is loaded (one-line errors)."""
-    if not (load_in_4bit or load_in_8bit):
-        return
-    if load_in_4bit and load_in_8bit:
-        raise ModelLoadError("choose one of load_in_4bit and load_in_8bit, not both")
-    flag = "load_in_4bit" if load_in_4bit else "load_in_8bit"
-    kind = resolve_device(device).type
-    if kind not in ("cpu", "cuda"):
-        raise ModelLoadError(f"{flag} uses bitsandbytes, which runs on CPU or CUDA, not on {kind!r}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(f"{flag} needs bitsandbytes>=0.49: pip install 'tracer[quant]'")
-    version = importlib.metadata.version("bitsandbytes")
-    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:2])
-    if parts < _BNB_MIN_VERSION:
-        raise ModelLoadError(f"{flag} needs bitsandbytes>=0.49 (4-/8-bit on CPU); bitsandbytes {version} is installed")
-
-
-class _OnceFilter:
-    """Logging filter: let a message through the first time only."""
-
-    def __init__(self, fragment: str):
-        self.fragment = fragment
-        self.seen = False
-
-    def filter(self, record: Any) -> bool:
-        if self.fragment not in record.getMessage():
-            return True
-        shown, self.seen = self.seen, True
-        return not shown
-
-
-def _quiet_int8_cast_message() -> None:
-    """bitsandbytes' int8 matmul on CPU logs that it casts fp32 inputs to fp16 on every call
-    (hundreds of lines per answer): show it once per process."""
-    import logging
-
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _OnceFilter) for f in log.filters):
-        log.addFilter(_OnceFilter("inputs will be cast from"))
-
-
-def _quantization_config(load_in_4bit: bool, torch_dtype: Any):
-    """The seed script's settings: nf4 with double quantization, computing in the load dtype."""
-    from transformers import BitsAndBytesConfig
-
-    if load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch_dtype)
-    _quiet_int8_cast_message()
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 @contextlib.contextmanager
 def _quiet_progress():
     from transformers.utils import logging as hf_logging
@@ -397,7 +341,7 @@ def load_model(
         ModelLoadError: missing path, not a model, unsupported architecture, quantization
             requested without bitsandbytes>=0.49 or on another device, missing embedded wheel.
     """
-    _check_quantization(load_in_4bit, load_in_8bit, device)  # before loading anything
+    check_quantization(load_in_4bit, load_in_8bit, device)  # before loading anything
     folder = _resolve_model_folder(path)
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -414,7 +358,7 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit or load_in_8bit:
-        kwargs["quantization_config"] = _quantization_config(load_in_4bit, torch_dtype)
+        kwargs["quantization_config"] = quantization_config(load_in_4bit, torch_dtype)
         kwargs["device_map"] = {"": "cpu" if dev.type == "cpu" else (dev.index or 0)}
     try:
         with _quiet_progress():  # a ~1 s load from a local folder needs no progress bar

@@ -22,6 +22,7 @@ from .blobs import BlobStore, MemoryStore, blob_key, parse_blob_key, stack_rows
 from .cache_records import CacheLayerInfo, CacheTimeline
 from .errors import MemoryBudgetError, NotSupportedError, TraceFormatError, TracerError, TracerWarning
 from .stops import STOP_KINDS, StopReason
+from .trace_meta import TraceMeta
 
 __all__ = [
     "SCHEMA_VERSION", "STOP_KINDS", "StopReason", "TopK", "Stage", "ProcessorEffect", "StepInputs", "AttentionStats",
@@ -234,37 +235,6 @@ class StepRecord:
 # --------------------------------------------------------------------------------------
 # The whole trace
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class TraceMeta:
-    """Everything about the run except the per-step data (all JSON-able)."""
-
-    model_name: str = ""
-    model_class: str = ""
-    model_config: dict[str, Any] = field(default_factory=dict)
-    num_layers: int = 0
-    num_heads: int = 0
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    hidden_size: int = 0
-    vocab_size: int = 0
-    dtype: str = ""
-    device: str = ""
-    attn_implementation: str = ""
-    generation_config: dict[str, Any] = field(default_factory=dict)
-    special_tokens: dict[str, Any] = field(default_factory=dict)  # name -> {"text", "id"}
-    pad_token_id: int | None = None
-    terminators: dict[int, str] = field(default_factory=dict)  # eos ids -> their text
-    record_config: dict[str, Any] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-    created: str = ""
-    wall_time_s: float = 0.0  # wall time of the whole generate call
-    status: str = "complete"  # "complete" | "interrupted" | "error"
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    backend: str = "transformers"  # "transformers" | "vllm"
-    backend_info: dict[str, Any] = field(default_factory=dict)  # engine version, sampling params, ...
 
 
 @dataclass
