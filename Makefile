@@ -59,6 +59,7 @@ bench-vllm: venv venv-vllm
 bench: venv
 	$(BIN)/python -m pip install -q nnsight==0.8.1 || echo "nnsight not installed: peer column skipped"
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/analysis.py
 
 # The real-browser notebook check alone (JupyterLab + Debian's chromium); screenshots in
 # tests/_artifacts/browser/. Part of `make test` whenever /usr/bin/chromium exists.
