@@ -224,7 +224,7 @@ TEXTS = ["北京是中国的首都。", "emoji 🙂👍🏽 ok", "combining e\u0
 
 
 def _check_bytes(tok):
-    from tracer.assemble import token_bytes
+    from tracer.byte_tokens import token_bytes
 
     for text in TEXTS:
         ids = tok.encode(text, add_special_tokens=False)
@@ -234,7 +234,7 @@ def _check_bytes(tok):
 
 def test_token_bytes_llama3(llama3_tokenizer):
     _check_bytes(llama3_tokenizer)
-    from tracer.assemble import token_bytes
+    from tracer.byte_tokens import token_bytes
 
     ids = llama3_tokenizer.encode("北", add_special_tokens=False)
     raw = token_bytes(llama3_tokenizer, ids)
@@ -247,7 +247,7 @@ def test_token_bytes_embedded(embedded):
 
 
 def test_token_bytes_sentencepiece_byte_tokens():
-    from tracer.assemble import token_bytes
+    from tracer.byte_tokens import token_bytes
 
     class SP:
         all_special_ids = [2]

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..assemble import stage_params
 from ..records import NotSupportedError, Stage, TopK, Trace
 
 __all__ = [
@@ -141,20 +142,8 @@ def build_processors(
 
 
 def processor_params(processor: Any) -> dict[str, Any]:
-    """A processor's public scalar settings, JSON-able (the same rule the recorder follows)."""
-    out: dict[str, Any] = {}
-    for key, value in vars(processor).items():
-        if key.startswith("_") or value is None:
-            continue
-        if isinstance(value, (bool, int, str)):
-            out[key] = value
-        elif isinstance(value, float):
-            out[key] = value if np.isfinite(value) else str(value)
-        elif isinstance(value, torch.Tensor) and value.numel() <= 16:
-            out[key] = value.detach().cpu().tolist()
-        elif isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, (int, float, str)) for v in value):
-            out[key] = list(value)
-    return out
+    """A processor's public scalar settings, JSON-able (the recorder's own rule)."""
+    return stage_params(processor)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:

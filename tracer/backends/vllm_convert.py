@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .. import records as _records
+from ..byte_tokens import token_bytes as shared_token_bytes
 from ..config import RecordConfig
 from ..records import MemoryStore, NotSupportedError, Stage, StepInputs, StepRecord, TopK, Trace, TraceMeta, blob_key
 
@@ -394,37 +395,12 @@ class TokenTexts:
         return self.tok.decode(list(ids), skip_special_tokens=not special)
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """The byte-level BPE alphabet (GPT-2's): printable stand-in character → byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = list(bs)
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_DECODER = _gpt2_byte_decoder()
-
-
 def token_bytes(tokenizer: Any, ids: Sequence[int]) -> dict[int, bytes] | None:
-    """Raw bytes per token id for byte-level BPE vocabularies (special tokens: their UTF-8 text);
+    """Raw bytes per token id (the recorder's rule, :func:`tracer.byte_tokens.token_bytes`);
     None without a tokenizer that names its tokens."""
     if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
         return None
-    out = {}
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for tid, piece in zip(ids, tokenizer.convert_ids_to_tokens([int(i) for i in ids])):
-        if piece is None:
-            continue
-        if int(tid) in special or any(ch not in _BYTE_DECODER for ch in piece):
-            out[int(tid)] = piece.encode("utf-8")
-        else:
-            out[int(tid)] = bytes(_BYTE_DECODER[ch] for ch in piece)
-    return out
+    return shared_token_bytes(tokenizer, [int(i) for i in ids])
 
 
 def _special_tokens(tok: Any) -> dict[str, Any]:
