@@ -38,9 +38,9 @@ __all__ = [
     "show",
 ]
 
-from ._common import _esc, _png
+from ._common import esc, figure_png
 from .attention import (
-    _attention_grid_class,
+    attention_grid_class,
     attention_grid,
     attention_grid_figure,
     attention_maps,
@@ -52,7 +52,7 @@ from .shared import backend_of, missing_note
 from .cache import cache_growth, cache_growth_figure, cache_text
 from .compare import compare, compare_figure, compare_html, compare_text  # eager: the function, not the module
 from .steps import (
-    _step_explorer_class,
+    step_explorer_class,
     processor_waterfall_figure,
     step_explorer,
     step_text,
@@ -70,9 +70,9 @@ def __getattr__(name: str) -> Any:
     """``viz.StepExplorer`` / ``viz.AttentionGrid``: the widget classes, built on first access
     so that importing this module does not import ipywidgets."""
     if name == "StepExplorer":
-        return _step_explorer_class()
+        return step_explorer_class()
     if name == "AttentionGrid":
-        return _attention_grid_class()
+        return attention_grid_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -89,14 +89,14 @@ def show(trace: Trace, seq: int = 0) -> Any:
     if trace.attention_layers and trace.attention_heads:
         tabs.append(("attention", attention_grid(trace, 0, seq)))
     elif backend_of(trace) != "transformers":
-        tabs.append(("attention", W.HTML(_esc(missing_note(trace, "attention maps")))))
+        tabs.append(("attention", W.HTML(esc(missing_note(trace, "attention maps")))))
     if any(s.attention_stats is not None for s in trace.steps):
-        img = W.Image(value=_png(attention_sinks_figure(trace, seq)), format="png")
-        tabs.append(("heads", W.VBox([img, W.HTML("<pre>" + _esc(head_stats_text(trace, seq=seq)) + "</pre>")])))
+        img = W.Image(value=figure_png(attention_sinks_figure(trace, seq)), format="png")
+        tabs.append(("heads", W.VBox([img, W.HTML("<pre>" + esc(head_stats_text(trace, seq=seq)) + "</pre>")])))
     if trace.cache is not None:
         tabs.append(("cache", cache_growth(trace)))
     elif backend_of(trace) != "transformers":
-        tabs.append(("cache", W.HTML(_esc(missing_note(trace, "cache timeline")))))
+        tabs.append(("cache", W.HTML(esc(missing_note(trace, "cache timeline")))))
     if any(s.logit_lens is not None for s in trace.steps):
         tabs.append(("logit lens", logit_lens(trace, seq)))
     tab = W.Tab(children=[w for _, w in tabs])

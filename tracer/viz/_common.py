@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..text import html_text, piece_of
-from .shared import figure_png
+from .shared import figure_png  # noqa: F401 - the views import it from here
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -15,8 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..records import StepRecord, Trace
 
 
-_CHOSEN = "#e4572e"  # the chosen token, everywhere
-_OTHER = "#8da0cb"
+CHOSEN = "#e4572e"  # the chosen token, everywhere
+OTHER = "#8da0cb"
 
 
 # --------------------------------------------------------------------------------------
@@ -24,32 +24,28 @@ _OTHER = "#8da0cb"
 # --------------------------------------------------------------------------------------
 
 
-def _tok(trace: Trace, token_id: int) -> str:
+def tok_text(trace: Trace, token_id: int) -> str:
     """One token on its own, for labels and table cells (:func:`tracer.text.piece_of`):
     multibyte parts as escaped bytes, whitespace and control characters made visible."""
     return piece_of(trace, token_id).display
 
 
-def _esc(text: str) -> str:
+def esc(text: str) -> str:
     return html_text(text)
 
 
-def _check_step(trace: Trace, step: int) -> StepRecord:
+def check_step(trace: Trace, step: int) -> StepRecord:
     if not 0 <= step < trace.num_steps:
         raise IndexError(f"step {step} out of range: the trace has {trace.num_steps} steps")
     return trace.steps[step]
 
 
-def _seq_steps(trace: Trace, seq: int) -> list[int]:
+def seq_steps(trace: Trace, seq: int) -> list[int]:
     """Indices of the steps at which sequence ``seq`` was still generating."""
     return [s.index for s in trace.steps if s.active[seq]]
 
 
-def _png(fig: Figure) -> bytes:
-    return figure_png(fig)
-
-
-def _new_figure(**kw: Any) -> Figure:
+def new_figure(**kw: Any) -> Figure:
     # Made through pyplot so that the notebook's inline backend is active and displays the
     # returned figure, then closed at once: pyplot keeps no reference (no leak, no double
     # display at the end of the cell) and the figure still draws and saves.
@@ -60,7 +56,7 @@ def _new_figure(**kw: Any) -> Figure:
     return fig
 
 
-def _annotate(ax: Any, mat: np.ndarray, fmt: str, limit: int = 300) -> None:
+def annotate_cells(ax: Any, mat: np.ndarray, fmt: str, limit: int = 300) -> None:
     """Write each cell's value on a small heatmap (skipped above ``limit`` cells)."""
     if mat.size > limit:
         return
@@ -72,11 +68,11 @@ def _annotate(ax: Any, mat: np.ndarray, fmt: str, limit: int = 300) -> None:
         ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white", path_effects=outline)
 
 
-def _params(params: Any) -> str:
+def params_text(params: Any) -> str:
     return ", ".join(f"{k}={v}" for k, v in dict(params).items()) or "—"
 
 
-def _final_entropy(step: StepRecord, seq: int) -> tuple[float, bool]:
+def final_entropy_of(step: StepRecord, seq: int) -> tuple[float, bool]:
     """(entropy in nats of the final distribution, exact?).  The recorder keeps the exact
     full-vocabulary value; a trace without it (older or synthetic) gets the entropy of the
     recorded top-k, a lower bound since every omitted ``-p log p`` term is non-negative."""
@@ -88,4 +84,4 @@ def _final_entropy(step: StepRecord, seq: int) -> tuple[float, bool]:
     return float(-(p * np.log(p)).sum()), False
 
 
-_CLASSES: dict[str, type] = {}  # widget classes, built on first use (ipywidgets imported lazily)
+CLASSES: dict[str, type] = {}  # widget classes, built on first use (ipywidgets imported lazily)

@@ -15,11 +15,11 @@ from ..records import TraceFormatError
 from ..text import token_pieces
 from .shared import backend_of, missing_note, whole_maps
 from ._common import (
-    _CLASSES,
-    _annotate,
-    _check_step,
-    _new_figure,
-    _png,
+    CLASSES,
+    annotate_cells,
+    check_step,
+    new_figure,
+    figure_png,
 )
 
 # --------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def attention_maps(
     head list (query heads, or KV heads when ``kv_heads``: the mean of the recorded query heads
     that read each KV head).  Each step's blob of each layer is read once (for all heads)."""
     _require_attention(trace)
-    _check_step(trace, step)
+    check_step(trace, step)
     layers = list(trace.attention_layers if layers is None else layers)
     recorded = list(trace.attention_heads)
     if kv_heads:
@@ -110,7 +110,7 @@ def attention_grid_figure(
     if nl * nh > 48:
         return _mosaic_figure(maps, lay, hs, title, "kv" if kv_heads else "h")
     cell = 1.3
-    fig = _new_figure(figsize=(max(4.5, cell * nh + 1.2), cell * nl + 1.0), layout="constrained")
+    fig = new_figure(figsize=(max(4.5, cell * nh + 1.2), cell * nl + 1.0), layout="constrained")
     axes = fig.subplots(nl, nh, squeeze=False)
     im = None
     for i in range(nl):
@@ -137,7 +137,7 @@ def _mosaic_figure(maps: np.ndarray, layers: list[int], heads: list[int], title:
     for i in range(nl):
         for j in range(nh):
             big[i * (t + gap) : i * (t + gap) + t, j * (t + gap) : j * (t + gap) + t] = maps[i, j]
-    fig = _new_figure(figsize=(min(16.0, 0.7 * nh + 2.5), min(40.0, 0.7 * nl + 1.2)), layout="constrained")
+    fig = new_figure(figsize=(min(16.0, 0.7 * nh + 2.5), min(40.0, 0.7 * nl + 1.2)), layout="constrained")
     ax = fig.subplots()
     cmap = __import__("matplotlib").colormaps["viridis"].with_extremes(bad="white")
     im = ax.imshow(big, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
@@ -176,18 +176,18 @@ def head_map_figure(trace: Trace, layer: int, head: int, seq: int = 0, *, upto_s
     m = maps[0, 0]
     labels = _position_labels(trace, seq, m.shape[0])
     size = min(12.0, 2.5 + 0.22 * m.shape[0])
-    fig = _new_figure(figsize=(size + 1.2, size), layout="constrained")
+    fig = new_figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.subplots()
     kind = "KV head" if kv_heads else "head"
     _map_axes(fig, ax, m, labels, f"layer {layer}, {kind} {head}, seq {seq} (steps 0–{step})", trace.prompt_len)
     return fig
 
 
-def _attention_grid_class() -> type:
+def attention_grid_class() -> type:
     import ipywidgets as W
 
-    if "AttentionGrid" in _CLASSES:
-        return _CLASSES["AttentionGrid"]
+    if "AttentionGrid" in CLASSES:
+        return CLASSES["AttentionGrid"]
 
     class _AttentionGrid(W.VBox):
         """``.step`` slider, ``.mode`` toggle ("query heads" / "KV heads"), ``.pick`` dropdown
@@ -227,7 +227,7 @@ def _attention_grid_class() -> type:
             t = self.trace
             self.progress.value = 0
             self.maps, self.layers, self.heads = attention_maps(t, self.step.value, self.seq, kv_heads=self.kv_mode, progress=self._tick)
-            self.grid.value = _png(attention_grid_figure(t, self.step.value, self.seq, kv_heads=self.kv_mode,
+            self.grid.value = figure_png(attention_grid_figure(t, self.step.value, self.seq, kv_heads=self.kv_mode,
                                                          maps=(self.maps, self.layers, self.heads)))
             kind = "kv" if self.kv_mode else "h"
             opts = [(f"L{layer} {kind}{h}", (layer, h)) for layer in self.layers for h in self.heads]
@@ -245,19 +245,19 @@ def _attention_grid_class() -> type:
             layer, h = self.pick.value
             m = self.maps[self.layers.index(layer), self.heads.index(h)]
             labels = _position_labels(self.trace, self.seq, m.shape[0])
-            fig = _new_figure(figsize=(min(9.0, 2.5 + 0.2 * m.shape[0]) + 1, min(9.0, 2.5 + 0.2 * m.shape[0])), layout="constrained")
+            fig = new_figure(figsize=(min(9.0, 2.5 + 0.2 * m.shape[0]) + 1, min(9.0, 2.5 + 0.2 * m.shape[0])), layout="constrained")
             kind = "KV head" if self.kv_mode else "head"
             _map_axes(fig, fig.subplots(), m, labels, f"layer {layer}, {kind} {h}, step {self.step.value}", self.trace.prompt_len)
-            self.detail.value = _png(fig)
+            self.detail.value = figure_png(fig)
 
     _AttentionGrid.__name__ = _AttentionGrid.__qualname__ = "AttentionGrid"
-    _CLASSES["AttentionGrid"] = _AttentionGrid
+    CLASSES["AttentionGrid"] = _AttentionGrid
     return _AttentionGrid
 
 
 def attention_grid(trace: Trace, step: int = 0, seq: int = 0) -> Any:
     """Layers × heads small multiples with a query-head / KV-head toggle and an enlarged view."""
-    return _attention_grid_class()(trace, step, seq)
+    return attention_grid_class()(trace, step, seq)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,9 +281,9 @@ def attention_sinks_figure(trace: Trace, seq: int = 0) -> Figure:
     """Layer × head heatmap of the mean weight on the first attended key over decode steps."""
     means, layers, heads = _head_means(trace, seq)
     sink = means["sink"]
-    fig = _new_figure(figsize=(max(5.0, 0.45 * len(heads) + 2.2), max(3.2, 0.2 * len(layers) + 1.6)), layout="constrained")
+    fig = new_figure(figsize=(max(5.0, 0.45 * len(heads) + 2.2), max(3.2, 0.2 * len(layers) + 1.6)), layout="constrained")
     ax = fig.subplots()
-    _annotate(ax, sink, "{:.2f}")
+    annotate_cells(ax, sink, "{:.2f}")
     im = ax.imshow(sink, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower", interpolation="nearest")
     ax.set_xticks(np.arange(len(heads)), [str(h) for h in heads], fontsize=8)
     every = max(1, int(np.ceil(len(layers) / 32)))

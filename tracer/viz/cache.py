@@ -14,10 +14,10 @@ if TYPE_CHECKING:  # pragma: no cover
 from ..text import safe_lines
 from .shared import missing_note
 from ._common import (
-    _CHOSEN,
-    _esc,
-    _new_figure,
-    _png,
+    CHOSEN,
+    esc,
+    new_figure,
+    figure_png,
 )
 
 # --------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def cache_growth_figure(trace: Trace) -> Figure:
     Lines carry labels ``layer {i} kept`` / ``layer {i} allocated`` / the series names."""
     c = _require_cache(trace)
     steps = np.arange(c.seq_len.shape[0])
-    fig = _new_figure(figsize=(11, 4), layout="constrained")
+    fig = new_figure(figsize=(11, 4), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
     import matplotlib as mpl
 
@@ -90,7 +90,7 @@ def cache_growth_figure(trace: Trace) -> Figure:
     if c.num_layers <= 8:
         a1.legend(fontsize=7)
     for name, ys in cache_series(trace).items():
-        style = {"measured": dict(lw=2.5, color="black"), "predicted": dict(lw=1.2, ls="--", color=_CHOSEN)}.get(name, dict(lw=1, ls=":"))
+        style = {"measured": dict(lw=2.5, color="black"), "predicted": dict(lw=1.2, ls="--", color=CHOSEN)}.get(name, dict(lw=1, ls=":"))
         a2.plot(steps, ys, label=name, marker="." if name == "measured" else None, **style)
     a2.set_xlabel("step")
     a2.set_ylabel("bytes (keys + values)")
@@ -104,7 +104,7 @@ def cache_growth(trace: Trace) -> Any:
     import ipywidgets as W
 
     c = _require_cache(trace)
-    table = W.HTML("<pre>" + _esc(cache_text(trace)) + "</pre>")
+    table = W.HTML("<pre>" + esc(cache_text(trace)) + "</pre>")
     try:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -121,5 +121,5 @@ def cache_growth(trace: Trace) -> Any:
         fig.update_layout(height=360, margin=dict(l=10, r=10, t=40, b=10))
         plot: Any = fig
     except ImportError:
-        plot = W.Image(value=_png(cache_growth_figure(trace)), format="png")
+        plot = W.Image(value=figure_png(cache_growth_figure(trace)), format="png")
     return W.VBox([plot, table])

@@ -31,14 +31,14 @@ _CSS = """
 """
 
 
-def _esc(text: Any) -> str:
+def esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _tok(text: str | None) -> str:
+def tok_text(text: str | None) -> str:
     if text is None:
         return "·"
-    return _esc(text.replace("\n", "\\n")) or "&#8203;"
+    return esc(text.replace("\n", "\\n")) or "&#8203;"
 
 
 def compare_text(diff: "Comparison", context: int = 3) -> str:
@@ -60,11 +60,11 @@ def aligned_tokens_html(diff: "Comparison", seq: int = 0) -> str:
         for side in ("a", "b"):
             lp = r[f"logprob_{side}"]
             title = f"step {r['step']}: log-prob {lp:.4f}" if not math.isnan(lp) else f"step {r['step']}"
-            cells[side].append(f"<span class='tc-tok {cls}' title='{_esc(title)}'>{_tok(r[f'text_{side}'])}</span>")
+            cells[side].append(f"<span class='tc-tok {cls}' title='{esc(title)}'>{tok_text(r[f'text_{side}'])}</span>")
     label = "no divergence" if div is None else f"first divergence at step {div}"
     return (f"<div><b>sequence {seq}</b>: {label}"
-            f"<div class='tc-row'><b>{_esc(diff.names[0])}</b> {''.join(cells['a'])}</div>"
-            f"<div class='tc-row'><b>{_esc(diff.names[1])}</b> {''.join(cells['b'])}</div></div>")
+            f"<div class='tc-row'><b>{esc(diff.names[0])}</b> {''.join(cells['a'])}</div>"
+            f"<div class='tc-row'><b>{esc(diff.names[1])}</b> {''.join(cells['b'])}</div></div>")
 
 
 def topk_pair_html(diff: "Comparison", seq: int, step: int, k: int = 10) -> str:
@@ -79,10 +79,10 @@ def topk_pair_html(diff: "Comparison", seq: int, step: int, k: int = 10) -> str:
                 continue
             tid = int(view.ids[i])
             cls = " class='tc-chosen'" if tid == view.token else ""
-            cells.append(f"<td{cls}>{_tok(trace.text_of([tid]))}</td><td>{math.exp(view.logprobs[i]):.4f}</td>")
+            cells.append(f"<td{cls}>{tok_text(trace.text_of([tid]))}</td><td>{math.exp(view.logprobs[i]):.4f}</td>")
         rows.append(f"<tr><td>{i}</td>{''.join(cells)}</tr>")
-    return (f"<table class='tc-tab'><caption>step {step}</caption><tr><th>#</th><th>{_esc(diff.names[0])}</th>"
-            f"<th>p</th><th>{_esc(diff.names[1])}</th><th>p</th></tr>{''.join(rows)}</table>")
+    return (f"<table class='tc-tab'><caption>step {step}</caption><tr><th>#</th><th>{esc(diff.names[0])}</th>"
+            f"<th>p</th><th>{esc(diff.names[1])}</th><th>p</th></tr>{''.join(rows)}</table>")
 
 
 def _svg_plot(diff: "Comparison", seq: int, width: int = 640, height: int = 160) -> str:
@@ -101,7 +101,7 @@ def _svg_plot(diff: "Comparison", seq: int, width: int = 640, height: int = 160)
     for n, (name, values, colour) in enumerate(series):
         pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
         parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.5' points='{pts}'/>")
-        parts.append(f"<text x='{width - 170}' y='{14 + 12 * n}' font-size='11' fill='{colour}'>{_esc(name)}</text>")
+        parts.append(f"<text x='{width - 170}' y='{14 + 12 * n}' font-size='11' fill='{colour}'>{esc(name)}</text>")
     div = diff.first_divergence[seq]
     if div is not None:
         parts.append(f"<line x1='{x(div):.1f}' x2='{x(div):.1f}' y1='15' y2='{height - 20}' stroke='#c00' "

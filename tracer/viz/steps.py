@@ -16,15 +16,15 @@ if TYPE_CHECKING:  # pragma: no cover
 from ..text import Piece, running_text, safe_lines, token_pieces
 from .shared import run_pieces, token_span, top_candidates
 from ._common import (
-    _CHOSEN,
-    _CLASSES,
-    _OTHER,
-    _check_step,
-    _esc,
-    _new_figure,
-    _params,
-    _png,
-    _tok,
+    CHOSEN,
+    CLASSES,
+    OTHER,
+    check_step,
+    esc,
+    new_figure,
+    params_text,
+    figure_png,
+    tok_text,
 )
 
 # --------------------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def _processor_rows(step: StepRecord, seq: int) -> list[dict[str, Any]]:
     return [
         {
             "name": e.name,
-            "params": _params(e.params),
+            "params": params_text(e.params),
             "newly_masked": int(e.newly_masked[seq]),
             "kl": float(e.kl[seq]),
             "rank_before": int(e.chosen_rank_before[seq]),
@@ -72,7 +72,7 @@ def _processor_rows(step: StepRecord, seq: int) -> list[dict[str, Any]]:
 
 def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     """Everything the step explorer shows for one step, as plain text."""
-    rec = _check_step(trace, step)
+    rec = check_step(trace, step)
     lines = [f"step {step} ({rec.kind}), sequence {seq}"]
     if not rec.active[seq]:
         lines.append(f"sequence {seq} had already finished ({trace.stop_reasons[seq]})")
@@ -91,11 +91,11 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     chosen = int(rec.chosen[seq])
     argmax = int(rec.final.ids[seq, 0])
     how = "sampled" if rec.sampled else "argmax"
-    own = _tok(trace, chosen)
+    own = tok_text(trace, chosen)
     shown = gen[-1].display + ("" if gen[-1].display == own else f" (token bytes '{own}')")
     lines.append(
         f"chosen: {chosen} '{shown}'  p={float(rec.chosen_prob[seq]):.4f}  "
-        f"rank {int(rec.stages[-1].chosen_rank[seq])}  ({how}; argmax {argmax} '{_tok(trace, argmax)}')"
+        f"rank {int(rec.stages[-1].chosen_rank[seq])}  ({how}; argmax {argmax} '{tok_text(trace, argmax)}')"
     )
     lines.append("processors:")
     header = f"  {'name':<34} {'params':<28} {'masked':>6} {'KL':>8}  rank      prob"
@@ -108,7 +108,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     lines.append("top-k per stage (prob):")
     for st in rec.stages:
         ids_k, probs, masked = top_candidates(trace, st.top, seq)
-        cells = [("*" if i == chosen else "") + f"'{_tok(trace, i)}':{p:.3f}" for i, p in zip(ids_k, probs)]
+        cells = [("*" if i == chosen else "") + f"'{tok_text(trace, i)}':{p:.3f}" for i, p in zip(ids_k, probs)]
         if masked:
             cells.append(f"+{masked} masked")
         lines.append(f"  {st.name:<34} " + "  ".join(cells))
@@ -120,16 +120,16 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
 def _text_html(trace: Trace, step: int, seq: int) -> str:
     rec = trace.steps[step]
     if not rec.active[seq]:
-        return f"<i>sequence {seq} had already finished ({_esc(trace.stop_reasons[seq])})</i>"
+        return f"<i>sequence {seq} had already finished ({esc(trace.stop_reasons[seq])})</i>"
     prompt, gen = _text_so_far(trace, step, seq)
     out = ['<span style="color:#777">' + "".join(token_span(p, cls="") for p in prompt) + "</span>"]
     out += [token_span(p, cls="") for p in gen[:-1]]
     cur = gen[-1]
     out.append(token_span(cur, cls="", title=f"id {cur.token_id}",
-                          style=f"background:{_CHOSEN};color:white;border-radius:3px;padding:0 2px"))
+                          style=f"background:{CHOSEN};color:white;border-radius:3px;padding:0 2px"))
     stop = ""
     if rec.finished[seq]:
-        stop = f'<div style="color:{_CHOSEN};font-weight:bold">stopped: {_esc(str(rec.stop_reasons[seq]))}</div>'
+        stop = f'<div style="color:{CHOSEN};font-weight:bold">stopped: {esc(str(rec.stop_reasons[seq]))}</div>'
     return '<div style="white-space:pre-wrap;font-family:monospace">' + "".join(out) + "</div>" + stop
 
 
@@ -137,15 +137,15 @@ def _inputs_html(trace: Trace, step: int, seq: int) -> str:
     rec = trace.steps[step]
     inp = rec.inputs
     ids = [int(i) for i in inp.input_ids[seq]]
-    toks = " ".join(f"<code>{_esc(d)}</code>" for d in token_pieces(trace, ids))
+    toks = " ".join(f"<code>{esc(d)}</code>" for d in token_pieces(trace, ids))
     pos = "None" if inp.position_ids is None else str(inp.position_ids[seq].tolist())
     rows = [
-        ("input_ids", _esc(str(ids))),
+        ("input_ids", esc(str(ids))),
         ("tokens", toks),
-        ("position_ids (as fed)", _esc(pos)),
-        ("cache slots written (computed)", _esc(str(_slots(inp)))),
+        ("position_ids (as fed)", esc(pos)),
+        ("cache slots written (computed)", esc(str(_slots(inp)))),
         ("cache length before", str(inp.cache_len_before)),
-        ("attention mask shape", _esc(str(inp.attention_mask_shape)) if inp.attention_mask_shape
+        ("attention mask shape", esc(str(inp.attention_mask_shape)) if inp.attention_mask_shape
                                   else "none (no padding: generate drops an all-ones mask)"),
     ]
     body = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
@@ -160,24 +160,24 @@ def _table_html(trace: Trace, step: int, seq: int) -> str:
     argmax = int(rec.final.ids[seq, 0])
     how = "sampled" if rec.sampled else "argmax"
     _, gen = _text_so_far(trace, step, seq)
-    shown = gen[-1].display if gen else _tok(trace, chosen)  # in context: a completed character whole
-    own = _tok(trace, chosen)
-    bytes_note = "" if shown == own else f" (token bytes <code>{_esc(own)}</code>)"
+    shown = gen[-1].display if gen else tok_text(trace, chosen)  # in context: a completed character whole
+    own = tok_text(trace, chosen)
+    bytes_note = "" if shown == own else f" (token bytes <code>{esc(own)}</code>)"
     head = (
-        f"<div><b>chosen</b> <code>{_esc(shown)}</code>{bytes_note} (id {chosen}) "
+        f"<div><b>chosen</b> <code>{esc(shown)}</code>{bytes_note} (id {chosen}) "
         f"p={float(rec.chosen_prob[seq]):.4f}, rank {int(rec.stages[-1].chosen_rank[seq])}, {how}; "
-        f"argmax <code>{_esc(_tok(trace, argmax))}</code> (id {argmax})</div>"
+        f"argmax <code>{esc(tok_text(trace, argmax))}</code> (id {argmax})</div>"
     )
     cols = ["processor", "params", "newly masked", "KL (nats)", "chosen rank", "chosen prob"]
     th = "".join(f"<th>{c}</th>" for c in cols)
     trs = []
     for r in _processor_rows(rec, seq):
         trs.append(
-            f"<tr><td>{_esc(r['name'])}</td><td>{_esc(r['params'])}</td><td>{r['newly_masked']}</td>"
+            f"<tr><td>{esc(r['name'])}</td><td>{esc(r['params'])}</td><td>{r['newly_masked']}</td>"
             f"<td>{r['kl']:.4f}</td><td>{r['rank_before']} → {r['rank_after']}</td>"
             f"<td>{r['prob_before']:.4f} → {r['prob_after']:.4f}</td></tr>"
         )
-    stop = f"<div><b>stop reason:</b> {_esc(str(rec.stop_reasons[seq]))}</div>" if rec.finished[seq] else ""
+    stop = f"<div><b>stop reason:</b> {esc(str(rec.stop_reasons[seq]))}</div>" if rec.finished[seq] else ""
     return head + f"<table><tr>{th}</tr>{''.join(trs)}</table>" + stop
 
 
@@ -191,7 +191,7 @@ def _waterfall_data(trace: Trace, step: int, seq: int) -> list[tuple[str, list[s
         out.append(
             (
                 st.name,
-                [f"{_tok(trace, i)} ({i})" for i in ids],
+                [f"{tok_text(trace, i)} ({i})" for i in ids],
                 probs,
                 [i == chosen for i in ids],
                 int(st.chosen_rank[seq]),
@@ -203,14 +203,14 @@ def _waterfall_data(trace: Trace, step: int, seq: int) -> list[tuple[str, list[s
 def processor_waterfall_figure(trace: Trace, step: int, seq: int = 0) -> Figure:
     """One bar chart per stage (raw logits, then each processor): the top-k candidates'
     probabilities, the chosen token in orange."""
-    rec = _check_step(trace, step)
+    rec = check_step(trace, step)
     data = _waterfall_data(trace, step, seq)
     n = len(data)
-    fig = _new_figure(figsize=(3.2 * n, 0.35 * max(len(d[1]) for d in data) + 1.6), layout="constrained")
+    fig = new_figure(figsize=(3.2 * n, 0.35 * max(len(d[1]) for d in data) + 1.6), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, (name, labels, probs, is_chosen, rank) in zip(axes, data):
         y = np.arange(len(labels))
-        bars = ax.barh(y, probs, color=[_CHOSEN if c else _OTHER for c in is_chosen])
+        bars = ax.barh(y, probs, color=[CHOSEN if c else OTHER for c in is_chosen])
         ax.bar_label(bars, [f"{p:.3g}" for p in probs], fontsize=7, padding=2)
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
@@ -224,11 +224,11 @@ def processor_waterfall_figure(trace: Trace, step: int, seq: int = 0) -> Figure:
 
 
 
-def _step_explorer_class() -> type:
+def step_explorer_class() -> type:
     import ipywidgets as W
 
-    if "StepExplorer" in _CLASSES:
-        return _CLASSES["StepExplorer"]
+    if "StepExplorer" in CLASSES:
+        return CLASSES["StepExplorer"]
 
     class _StepExplorer(W.VBox):
         """Slider over steps; ``.slider``, ``.play``, ``.text_html``, ``.inputs_html``,
@@ -269,7 +269,7 @@ def _step_explorer_class() -> type:
                 self.children = (*self.children[:-1], self.waterfall)
 
     _StepExplorer.__name__ = _StepExplorer.__qualname__ = "StepExplorer"
-    _CLASSES["StepExplorer"] = _StepExplorer
+    CLASSES["StepExplorer"] = _StepExplorer
     return _StepExplorer
 
 
@@ -302,7 +302,7 @@ def _make_waterfall_widget(trace: Trace, step: int, seq: int) -> Any:
             x, y, colors = [], [], []
             if i < len(data):
                 _, labels, probs, is_chosen, _ = data[i]
-                x, colors = probs.tolist(), [_CHOSEN if c else _OTHER for c in is_chosen]
+                x, colors = probs.tolist(), [CHOSEN if c else OTHER for c in is_chosen]
                 # plotly decodes &lt; &gt; &amp; but shows &quot; literally: escape tags only
                 y = [html.escape(label, quote=False) for label in labels]
             fig.add_bar(x=x, y=y, orientation="h", marker_color=colors, row=1, col=i + 1, showlegend=False,
@@ -317,9 +317,9 @@ def _make_waterfall_widget(trace: Trace, step: int, seq: int) -> Any:
     except ImportError:  # plotly or anywidget missing: a rendered PNG instead
         import ipywidgets as W
 
-        return W.Image(format="png", value=_png(processor_waterfall_figure(trace, step, seq)) if data else b"")
+        return W.Image(format="png", value=figure_png(processor_waterfall_figure(trace, step, seq)) if data else b"")
 
 
 def step_explorer(trace: Trace, seq: int = 0) -> Any:
     """Interactive walk through the steps of ``seq``; see :func:`step_text` for the contents."""
-    return _step_explorer_class()(trace, seq)
+    return step_explorer_class()(trace, seq)

@@ -12,13 +12,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..records import Trace
 
 from ._common import (
-    _annotate,
-    _final_entropy,
-    _esc,
-    _new_figure,
-    _png,
-    _seq_steps,
-    _tok,
+    annotate_cells,
+    final_entropy_of,
+    esc,
+    new_figure,
+    figure_png,
+    seq_steps,
+    tok_text,
 )
 from .shared import prob_color, run_pieces, token_span
 
@@ -32,15 +32,15 @@ def logit_lens_matrix(trace: Trace, seq: int = 0, metric: str = "prob") -> tuple
     layer indices, the step indices and the chosen token texts."""
     if metric not in ("prob", "rank"):
         raise ValueError(f"metric must be 'prob' or 'rank', not {metric!r}")
-    steps = [s for s in _seq_steps(trace, seq) if trace.steps[s].logit_lens is not None]
+    steps = [s for s in seq_steps(trace, seq) if trace.steps[s].logit_lens is not None]
     if not steps:
         raise KeyError("no logit lens recorded")
     lenses = [trace.steps[s].logit_lens for s in steps]
     field = "chosen_prob" if metric == "prob" else "chosen_rank"
     mat = np.stack([getattr(ll, field)[:, seq] for ll in lenses], axis=1)  # type: ignore[union-attr]
     _, gen = run_pieces(trace, seq)  # in context: a character split over tokens shown whole
-    at = {s: n for n, s in enumerate(_seq_steps(trace, seq))}
-    labels = [gen[at[s]].display if at.get(s, len(gen)) < len(gen) else _tok(trace, trace.steps[s].chosen[seq])
+    at = {s: n for n, s in enumerate(seq_steps(trace, seq))}
+    labels = [gen[at[s]].display if at.get(s, len(gen)) < len(gen) else tok_text(trace, trace.steps[s].chosen[seq])
               for s in steps]
     return mat, list(lenses[0].layers), steps, labels  # type: ignore[union-attr]
 
@@ -50,9 +50,9 @@ def logit_lens_figure(trace: Trace, seq: int = 0, metric: str = "prob") -> Figur
     from matplotlib.colors import SymLogNorm
 
     mat, layers, steps, labels = logit_lens_matrix(trace, seq, metric)
-    fig = _new_figure(figsize=(max(6.0, 0.4 * len(steps) + 2.5), max(3.2, 0.22 * len(layers) + 1.8)), layout="constrained")
+    fig = new_figure(figsize=(max(6.0, 0.4 * len(steps) + 2.5), max(3.2, 0.22 * len(layers) + 1.8)), layout="constrained")
     ax = fig.subplots()
-    _annotate(ax, mat, "{:.2f}" if metric == "prob" else "{:d}")
+    annotate_cells(ax, mat, "{:.2f}" if metric == "prob" else "{:d}")
     if metric == "prob":
         im = ax.imshow(mat, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower", interpolation="nearest")
         label = "P(chosen token)"
@@ -80,7 +80,7 @@ def logit_lens(trace: Trace, seq: int = 0) -> Any:
 
         mat, layers, steps, labels = logit_lens_matrix(trace, seq, "prob")
         tops = np.stack([trace.steps[s].logit_lens.top_id[:, seq] for s in steps], axis=1)  # type: ignore[union-attr]
-        hover = [[f"layer top: {_esc(_tok(trace, tops[i, j]))}" for j in range(len(steps))] for i in range(len(layers))]
+        hover = [[f"layer top: {esc(tok_text(trace, tops[i, j]))}" for j in range(len(steps))] for i in range(len(layers))]
         xs = [f"{s}:{lab}" for s, lab in zip(steps, labels)]
         fig = go.FigureWidget(go.Heatmap(z=mat.tolist(), x=xs, y=[str(x) for x in layers], text=hover, colorscale="Magma", zmin=0, zmax=1,
                                          hovertemplate="step %{x}<br>layer %{y}<br>value %{z}<br>%{text}<extra></extra>"))
@@ -96,10 +96,10 @@ def logit_lens(trace: Trace, seq: int = 0) -> Any:
 
         plot: Any = fig
     except ImportError:
-        plot = W.Image(value=_png(logit_lens_figure(trace, seq)), format="png")
+        plot = W.Image(value=figure_png(logit_lens_figure(trace, seq)), format="png")
 
         def on(change: dict) -> None:
-            plot.value = _png(logit_lens_figure(trace, seq, change["new"]))
+            plot.value = figure_png(logit_lens_figure(trace, seq, change["new"]))
 
     toggle.observe(on, names="value")
     box = W.VBox([toggle, plot])
@@ -120,8 +120,8 @@ def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
     (the earlier tokens show their bytes, escaped); the text read off the spans is the text."""
     if metric not in ("prob", "entropy"):
         raise ValueError(f"metric must be 'prob' or 'entropy', not {metric!r}")
-    steps = _seq_steps(trace, seq)
-    found = {s: _final_entropy(trace.steps[s], seq) for s in steps}
+    steps = seq_steps(trace, seq)
+    found = {s: final_entropy_of(trace.steps[s], seq) for s in steps}
     ents = {s: value for s, (value, _) in found.items()}
     exact = all(is_exact for _, is_exact in found.values())
     hmax = max(list(ents.values()) + [1e-9])
@@ -152,7 +152,7 @@ def token_strip_html(trace: Trace, seq: int = 0, metric: str = "prob") -> str:
     return (
         '<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">'
         + "".join(parts)
-        + f'</div><div style="font-size:smaller;color:#666">{_esc(legend)}</div>'
+        + f'</div><div style="font-size:smaller;color:#666">{esc(legend)}</div>'
     )
 
 
