@@ -98,7 +98,10 @@ def build_processors(
         pad = None
         if prompt_mask is not None:
             pad = (torch.as_tensor(np.asarray(prompt_mask), device=device) != 0).int().argmax(dim=1)
-        out.append(g.RepetitionPenaltyLogitsProcessor(s["repetition_penalty"], prompt_ignore_length=pad))
+        try:  # transformers 5.20+: generate passes each row's left padding, as done here
+            out.append(g.RepetitionPenaltyLogitsProcessor(s["repetition_penalty"], prompt_ignore_length=pad))
+        except ValueError:  # older (5.19): the processor takes an int only and generate passes none
+            out.append(g.RepetitionPenaltyLogitsProcessor(float(s["repetition_penalty"])))
     if s.get("no_repeat_ngram_size") is not None and s["no_repeat_ngram_size"] > 0:
         out.append(g.NoRepeatNGramLogitsProcessor(s["no_repeat_ngram_size"]))
     if s.get("bad_words_ids") is not None:
