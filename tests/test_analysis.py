@@ -390,3 +390,23 @@ def test_benchmark_functions_on_tiny_model(tiny_model):
     assert comp["steps"] == 64 and comp["median_s"] > 0
     text = bench.report(rep, comp, "tiny")
     assert "× original (traced)" in text and "1,024-token pair" in text
+
+
+def test_compare_and_tables_show_split_characters_whole():
+    """A character split over two tokens (北 = e5 8c | 97): the comparison rows, its HTML and
+    trace.table() show the first token's bytes and the character on the second, never U+FFFD."""
+    from tracer.testing import make_trace
+    from tracer.viz.compare import compare_html
+
+    t = make_trace(batch=1, steps=4)
+    first, second = (int(i) for i in t.generated_ids(0)[:2])
+    assert first != second
+    t.token_text[first], t.token_text[second] = "\ufffd", "\ufffd"  # what decoding one token at a time gives
+    t.token_bytes[first], t.token_bytes[second] = b"\xe5\x8c", b"\x97"
+    rows = tracer.compare(t, t).table()
+    assert list(rows["text_a"][:2]) == ["\\xe5\\x8c", "北"] and list(rows["text_b"][:2]) == ["\\xe5\\x8c", "北"]
+    assert not any("\ufffd" in str(x) for x in rows["text_a"])
+    assert "\ufffd" not in compare_html(tracer.compare(t, t))
+    table = t.table()
+    assert list(table["text"][:2]) == ["\\xe5\\x8c", "北"]
+    assert not any("\ufffd" in str(x) for x in list(table["text"]) + list(table["top_text"]))

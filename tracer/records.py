@@ -361,7 +361,12 @@ class Trace:
         return [len(self.generated_ids(b)) for b in range(self.batch_size)]
 
     def text_of(self, ids: Any) -> str:
-        return "".join(self.token_text.get(int(i), f"<{int(i)}>") for i in np.asarray(ids).ravel())
+        """The text of a run of tokens: their bytes decoded together (characters split over
+        tokens come out whole) when every token's bytes are known, else the per-token texts."""
+        ids = [int(i) for i in np.asarray(ids).ravel()]
+        if ids and all(i in self.token_bytes for i in ids):
+            return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", "replace")
+        return "".join(self.token_text.get(i, f"<{i}>") for i in ids)
 
     @property
     def generated_text(self) -> list[str]:

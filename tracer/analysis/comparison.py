@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..records import Trace, TracerError, blob_key
+from ..text import token_pieces
 
 __all__ = ["CompareError", "Comparison", "compare", "StepView"]
 
@@ -158,13 +159,17 @@ class Comparison:
     def _rows(self, seq: int) -> list[dict[str, Any]]:
         out = []
         div = self.first_divergence[seq]
+        # display text read in each run's context: a character split over tokens shows whole on
+        # the token that completes it, a partial token as its own bytes (never "\ufffd")
+        shown_a = token_pieces(self.a, [int(t) for t in self.ids_a[seq]])
+        shown_b = token_pieces(self.b, [int(t) for t in self.ids_b[seq]])
         for step in range(max(len(self.ids_a[seq]), len(self.ids_b[seq]))):
             va, vb = self.views(seq, step)
             ta, tb = (va.token if va else None), (vb.token if vb else None)
             row: dict[str, Any] = {
                 "seq": seq, "step": step, "token_a": ta, "token_b": tb,
-                "text_a": self.a.text_of([ta]) if ta is not None else None,
-                "text_b": self.b.text_of([tb]) if tb is not None else None,
+                "text_a": shown_a[step] if ta is not None else None,
+                "text_b": shown_b[step] if tb is not None else None,
                 "same": ta is not None and ta == tb,
                 "comparable": div is None or step <= div,
                 "logprob_a": va.token_logprob if va else np.nan, "logprob_b": vb.token_logprob if vb else np.nan,

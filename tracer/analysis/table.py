@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..records import Trace
+from ..text import piece_of, token_pieces
 
 __all__ = ["trace_table"]
 
@@ -19,17 +20,17 @@ def trace_table(trace: Trace):
 
     rows: list[dict[str, Any]] = []
     for b in range(trace.batch_size):
-        for step in trace.steps:
-            if not step.active[b]:
-                break
+        active = [s for s in trace.steps if s.active[b]]
+        shown = token_pieces(trace, [int(s.chosen[b]) for s in active])  # multibyte-safe, in context
+        for step, text in zip(active, shown):
             raw, fin = step.stages[0], step.stages[-1]
             tok = int(step.chosen[b])
             reason = step.stop_reasons[b] if b < len(step.stop_reasons) else None
             rows.append({
-                "seq": b, "step": step.index, "kind": step.kind, "token": tok, "text": trace.text_of([tok]),
+                "seq": b, "step": step.index, "kind": step.kind, "token": tok, "text": text,
                 "logprob": float(raw.chosen_logprob[b]), "rank": int(raw.chosen_rank[b]),
                 "final_logprob": float(fin.chosen_logprob[b]), "final_rank": int(fin.chosen_rank[b]),
-                "top_token": int(raw.top.ids[b, 0]), "top_text": trace.text_of([raw.top.ids[b, 0]]),
+                "top_token": int(raw.top.ids[b, 0]), "top_text": piece_of(trace, int(raw.top.ids[b, 0])).display,
                 "top_prob": float(raw.top.probs[b, 0]),
                 "entropy": float(raw.entropy[b]) if raw.entropy is not None else np.nan,
                 "final_entropy": float(fin.entropy[b]) if fin.entropy is not None else np.nan,

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..text import piece_of
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..analysis.comparison import Comparison
 
@@ -79,7 +81,7 @@ def topk_pair_html(diff: "Comparison", seq: int, step: int, k: int = 10) -> str:
                 continue
             tid = int(view.ids[i])
             cls = " class='tc-chosen'" if tid == view.token else ""
-            cells.append(f"<td{cls}>{tok_text(trace.text_of([tid]))}</td><td>{math.exp(view.logprobs[i]):.4f}</td>")
+            cells.append(f"<td{cls}>{tok_text(piece_of(trace, tid).display)}</td><td>{math.exp(view.logprobs[i]):.4f}</td>")
         rows.append(f"<tr><td>{i}</td>{''.join(cells)}</tr>")
     return (f"<table class='tc-tab'><caption>step {step}</caption><tr><th>#</th><th>{esc(diff.names[0])}</th>"
             f"<th>p</th><th>{esc(diff.names[1])}</th><th>p</th></tr>{''.join(rows)}</table>")
