@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..records import Trace, TracerError, blob_key
-from ..text import token_pieces
+from ..text import terminal_safe, token_pieces
 
 __all__ = ["CompareError", "Comparison", "compare", "StepView"]
 
@@ -309,7 +309,7 @@ class Comparison:
 def _cell(text: str | None, lp: float) -> str:
     if text is None:
         return "—"
-    return f"{text!r}"[:18] + f" ({lp:.3f})"
+    return f"'{terminal_safe(text)}'"[:18] + f" ({lp:.3f})"  # the display piece, terminal-safe
 
 
 def compare(a: Trace, b: Trace, *, stage: int | str = 0, names: tuple[str, str] = ("a", "b"),
