@@ -79,6 +79,22 @@ def render_everything(folder: Path) -> None:
             assert "recorded" in str(exc)
 
 
+def _load_and_render(folder: Path, runs: Counter) -> None:
+    """Count one mutant: rejected by the loader, or loaded and then rendered (or refused with
+    TraceFormatError) by every exporter and view; anything else propagates and fails the test."""
+    try:
+        load_trace(folder)
+    except TraceFormatError:
+        runs["rejected"] += 1
+        return
+    runs["loaded"] += 1
+    try:
+        render_everything(folder)
+        runs["rendered"] += 1
+    except TraceFormatError:
+        runs["refused"] += 1
+
+
 def _mutate_and_render(runs: Counter, target: str, mode: str, frac: float, byte: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="tracer-fuzz-render-case-"))
     try:
@@ -101,17 +117,7 @@ def _mutate_and_render(runs: Counter, target: str, mode: str, frac: float, byte:
         (folder / target).write_bytes(bytes(data))
         if rehash:
             _rewrite_entry(folder, target)
-        try:
-            load_trace(folder)
-        except TraceFormatError:
-            runs["rejected"] += 1
-            return
-        runs["loaded"] += 1
-        try:
-            render_everything(folder)
-            runs["rendered"] += 1
-        except TraceFormatError:
-            runs["refused"] += 1
+        _load_and_render(folder, runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -174,17 +180,7 @@ def test_fuzz_render_manifest_values():
         try:
             folder = Path(shutil.copytree(_base(), work / "t.trace"))
             (folder / "manifest.json").write_text(json.dumps(manifest))
-            try:
-                load_trace(folder)
-            except TraceFormatError:
-                runs["rejected"] += 1
-                return
-            runs["loaded"] += 1
-            try:
-                render_everything(folder)
-                runs["rendered"] += 1
-            except TraceFormatError:
-                runs["refused"] += 1
+            _load_and_render(folder, runs)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
