@@ -1,0 +1,51 @@
+"""Nothing recorded changes: every value of a trace equals the reference written before the
+step-cost work (issue 19), bit for bit (``tests/reference_traces.py`` describes the file).
+
+The reference applies where the model computes the same numbers as where it was written: an
+untraced run's sequences and logits are checked first, and a scenario whose plain run differs
+(another CPU or torch) is skipped with that reason rather than failed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reference_traces import DATA, SCENARIOS, run_scenario
+
+REFERENCE = json.loads(DATA.read_text())
+
+
+@pytest.fixture(scope="module")
+def models():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference was written with one thread
+    yield {}
+    torch.set_num_threads(before)
+
+
+def _check(name, models):
+    got = run_scenario(name, models)
+    ref = REFERENCE[name]
+    if got["plain"] != ref["plain"]:
+        pytest.skip(f"{name}: the untraced model computes other numbers here than where the reference was "
+                    "written (another CPU/torch); the bit-for-bit reference does not apply")
+    want, have = ref["trace"], got["trace"]
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    assert not (missing or extra or changed), (
+        f"{name}: {len(changed)} values changed, {len(missing)} missing, {len(extra)} new; first: "
+        + "; ".join(f"{k}: {want.get(k)} -> {have.get(k)}" for k in (changed + missing + extra)[:5]))
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if not s[-1]])
+def test_reference_tiny(name, models):
+    _check(name, models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s[-1]])
+def test_reference_embedded(name, models):
+    _check(name, models)
