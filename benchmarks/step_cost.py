@@ -1,0 +1,289 @@
+"""What tracing adds per decode step, next to a forward that costs (nearly) nothing.
+
+    python benchmarks/step_cost.py [--quick] [--device cpu|cuda] [--layers 2,16,32] [--out DIR]
+
+On a GPU an 8B decode step takes ~20-30 ms and a 1B step ~8-12 ms, so what a recorder adds per
+step in its own Python (and any host synchronisation) decides its ratio there, while a CPU
+run of a real model hides it.  This benchmark isolates that cost: random-weight Llama models
+built from a config (no download) with hidden size 64 and the real vocabulary (49,152, the
+embedded model's, so every statistic runs over a full-size row), at 2, 16 and 32 layers, fp32,
+one thread.  Every configuration runs ``generate`` for exactly the same tokens (greedy,
+``min_new_tokens == max_new_tokens``), interleaved round by round across configurations *and*
+layer counts (the starting configuration rotates), after one warm-up each; each traced run's
+ids are asserted equal to plain ``generate``'s.
+
+Reported per configuration and layer count: the median of the paired differences
+``(config - plain) / new_tokens`` from the same round (ms added per step), the ratio of medians,
+and across layer counts a least-squares line: fixed ms per step and the slope in ms per layer
+per step.  Targets (issue 19), checked in the same run: light adds no more per step than HF's
+``output_scores``+``output_logits`` and at most 0.01 ms per layer; all-layer attention no more
+than HF's eager ``output_attentions``; modules at most 2x light.
+
+Writes ``<out>/step_cost.json``.  ``benchmarks/gpu.py`` runs the same measurement on
+GPU-sized models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import overhead as ov  # noqa: E402  (benchmarks/overhead.py: subjects, runners, timing)
+from tracer import RecordConfig  # noqa: E402
+
+LAYERS = (2, 16, 32)
+NEW_TOKENS = 256
+QUICK_TOKENS = 64
+TARGET_SLOPE_MS = 0.01  # light: ms per layer per step
+
+DESCRIPTIONS = {
+    **ov.DESCRIPTIONS,
+    "hooks": "bare no-op forward hooks on every decoder layer (the floor of any hook-based recorder)",
+}
+
+
+def run_hooks(s: ov.Subject, n: int) -> tuple[torch.Tensor, Any]:
+    """A no-op forward hook on every decoder layer: what any per-layer hook costs by itself."""
+    from tracer._hf_compat import decoder_parts
+
+    handles = [layer.register_forward_hook(lambda m, a, o: None) for layer in decoder_parts(s.model).layers]
+    try:
+        return s.model.generate(**s.inputs, **s.gen_kwargs(n)), None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def configurations(*, include_nnsight: bool = True) -> dict[str, ov.Runner]:
+    configs = {
+        "plain": ov.run_plain,
+        "light": ov.traced(RecordConfig()),
+        "modules": ov.traced(RecordConfig(modules=True)),
+        "attention": ov.traced(RecordConfig(attention=True, attention_dtype="float16")),
+        "full_logits": ov.traced(RecordConfig(full_logits=True)),
+        "hf_scores": ov.run_hf_scores,
+        "hf_eager_attn": ov.run_hf_eager_attn,
+        "hooks": run_hooks,
+    }
+    if include_nnsight and ov.nnsight_available() is None:
+        configs["nnsight"] = ov.run_nnsight
+    return configs
+
+
+def llama_subject(layers: int, device: torch.device, *, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                  intermediate: int = 128, vocab: int = 49152, dtype: torch.dtype = torch.float32,
+                  attn_implementation: str = "sdpa", tokenizer: Any = "auto", name: str | None = None,
+                  **config_kw: Any) -> ov.Subject:
+    """A random-weight Llama built from a config on ``device`` (nothing downloaded).
+
+    ``tokenizer="auto"``: the embedded model's tokenizer when its vocabulary fits (49,152) and it
+    is available, else fixed prompt ids and no tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2, **config_kw)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # never materialise fp32 weights of a large bf16 model
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    tok = None
+    if tokenizer == "auto" and vocab == 49152:
+        try:
+            import tracer
+            from tracer.hooks import encode_prompts
+
+            tok = tracer.load_tokenizer("smollm2")
+            _, enc = encode_prompts(tok, ov.PROMPT, chat=True)
+        except Exception:  # noqa: BLE001 - no converted model here: fixed ids
+            tok = None
+    if tok is None:
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, vocab, (1, 32), generator=gen)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    eos = [tok.eos_token_id] if tok is not None else [2]
+    return ov.Subject(
+        name=name or f"{layers} layers",
+        model=model,
+        tokenizer=tok,
+        inputs={k: v.to(device) for k, v in enc.items()},
+        eos_token_id=eos,
+        pad_token_id=eos[0],
+        description=f"random Llama, {layers} layers, hidden {hidden}, heads {heads}/{kv_heads}, vocab {vocab}, "
+        f"{str(dtype).replace('torch.', '')}, {attn_implementation}, {device}",
+    )
+
+
+def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, new_tokens: int, repeats: int,
+            warmup: int = 1, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Time every (subject, configuration), interleaved across both, ``repeats`` rounds."""
+    names = list(configs)
+    times = {(s, c): [] for s in subjects for c in names}
+    errors: dict[tuple[str, str], str] = {}
+    reference: dict[str, torch.Tensor] = {}
+    identical = {(s, c): True for s in subjects for c in names}
+    for _ in range(max(warmup, 1)):
+        for sname, subj in subjects.items():
+            for c in ["plain", *[k for k in names if k != "plain"]]:
+                try:
+                    t = ov._timed(configs[c], subj, new_tokens)
+                except AssertionError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a peer failing is a result, not a crash
+                    errors[(sname, c)] = f"{type(exc).__name__}: {exc}"[:300]
+                    log(f"  {sname} {c}: failed ({errors[(sname, c)][:120]})")
+                    continue
+                reference.setdefault(sname, t.ids)
+                identical[(sname, c)] &= ov._check_identical(c, t.ids, reference[sname], t.trace, new_tokens)
+    cells = [(s, c) for s in subjects for c in names if (s, c) not in errors]
+    for r in range(repeats):
+        gc.collect()
+        shift = r * len(cells) // max(repeats, 1)  # rotate who goes first
+        order = cells[shift:] + cells[:shift]
+        for sname, c in order:
+            t = ov._timed(configs[c], subjects[sname], new_tokens)
+            identical[(sname, c)] &= ov._check_identical(c, t.ids, reference[sname], t.trace, new_tokens)
+            times[(sname, c)].append(t.seconds)
+            del t
+        log(f"  round {r + 1}/{repeats} done")
+    out: dict[str, Any] = {}
+    for sname in subjects:
+        plain = times[(sname, "plain")]
+        base = statistics.median(plain) if plain else None
+        rows = {}
+        for c in names:
+            ts = times[(sname, c)]
+            med = statistics.median(ts) if ts else None
+            added = [1e3 * (a - b) / new_tokens for a, b in zip(ts, plain)] if c != "plain" else [0.0] * len(ts)
+            rows[c] = {
+                "description": DESCRIPTIONS.get(c, c),
+                "times_s": ts,
+                "median_s": med,
+                "ms_per_step": 1e3 * med / new_tokens if med else None,
+                "added_ms_per_step": statistics.median(added) if added else None,
+                "ratio": med / base if med and base else None,
+                "identical_to_plain": identical[(sname, c)] if (sname, c) not in errors else None,
+                "error": errors.get((sname, c)),
+            }
+        out[sname] = {"description": subjects[sname].description, "configs": rows}
+    return out
+
+
+def fit(per_layers: dict[int, float | None]) -> tuple[float | None, float | None]:
+    """(fixed ms per step, ms per layer per step): least squares over the layer counts."""
+    pts = [(n, v) for n, v in per_layers.items() if v is not None]
+    if len(pts) < 2:
+        return None, None
+    x = np.array([p[0] for p in pts], float)
+    y = np.array([p[1] for p in pts], float)
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def summarise(results: dict[str, Any], layer_of: dict[str, int]) -> dict[str, Any]:
+    """Per configuration: added ms per step at each layer count, fixed part and slope; targets."""
+    names = list(next(iter(results.values()))["configs"])
+    summary: dict[str, Any] = {}
+    for c in names:
+        added = {layer_of[s]: results[s]["configs"][c]["added_ms_per_step"] for s in results}
+        ratio = {layer_of[s]: results[s]["configs"][c]["ratio"] for s in results}
+        fixed, slope = fit(added)
+        summary[c] = {"added_ms_per_step": added, "ratio": ratio, "fixed_ms": fixed, "slope_ms_per_layer": slope}
+
+    def added(c: str) -> dict[int, float | None]:
+        return summary.get(c, {}).get("added_ms_per_step", {})
+
+    def le(a: str, b: str, factor: float = 1.0) -> dict[str, Any]:
+        pairs = {n: (added(a).get(n), added(b).get(n)) for n in added(a)}
+        ok = [x <= factor * y for x, y in pairs.values() if x is not None and y is not None]
+        return {"per_layers": {n: [x, y] for n, (x, y) in pairs.items()}, "met": bool(ok) and all(ok)}
+
+    targets = {}
+    if "hf_scores" in summary:
+        targets["light <= hf_scores"] = le("light", "hf_scores")
+    slope = summary.get("light", {}).get("slope_ms_per_layer")
+    targets[f"light slope <= {TARGET_SLOPE_MS} ms/layer"] = {"value": slope,
+                                                             "met": slope is not None and slope <= TARGET_SLOPE_MS}
+    if "hf_eager_attn" in summary:
+        targets["attention <= hf_eager_attn"] = le("attention", "hf_eager_attn")
+    targets["modules <= 2 x light"] = le("modules", "light", 2.0)
+    return {"configs": summary, "targets": targets}
+
+
+def render(summary: dict[str, Any], layers: list[int]) -> str:
+    head = "| configuration | " + " | ".join(f"{n} layers: +ms/step (×)" for n in layers) + \
+        " | fixed ms | ms/layer |"
+    lines = [head, "|---|" + "---:|" * (len(layers) + 2)]
+    for c, row in summary["configs"].items():
+        cells = []
+        for n in layers:
+            a, r = row["added_ms_per_step"].get(n), row["ratio"].get(n)
+            cells.append("–" if a is None else f"{a:+.3f} ({r:.2f}×)")
+        fx, sl = row["fixed_ms"], row["slope_ms_per_layer"]
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {'–' if fx is None else f'{fx:.3f}'} | "
+                     f"{'–' if sl is None else f'{sl:.4f}'} |")
+    lines.append("")
+    for name, t in summary["targets"].items():
+        lines.append(f"- {name}: {'met' if t['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens, 3 rounds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", default=",".join(map(str, LAYERS)))
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-nnsight", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else NEW_TOKENS)
+    repeats = args.repeats or (3 if args.quick else 5)
+    layers = [int(x) for x in args.layers.split(",")]
+    subjects = {f"{n} layers": llama_subject(n, device) for n in layers}
+    layer_of = {f"{n} layers": n for n in layers}
+    configs = configurations(include_nnsight=not args.no_nnsight)
+    print(f"step cost: {tokens} tokens, {repeats} rounds, layers {layers}, configs {list(configs)}", flush=True)
+    results = measure(subjects, configs, new_tokens=tokens, repeats=repeats, log=lambda m: print(m, flush=True))
+    summary = summarise(results, layer_of)
+    report = {
+        "machine": ov.machine_info(device),
+        "new_tokens": tokens,
+        "repeats": repeats,
+        "layers": layers,
+        "subjects": results,
+        "summary": summary,
+        "nnsight": ov.nnsight_available() or "installed",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_cost.json").write_text(json.dumps(report, indent=1))
+    print(render(summary, layers))
+    print(f"wrote {out / 'step_cost.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
