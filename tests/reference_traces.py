@@ -89,6 +89,17 @@ def _sliding():
     return MistralForCausalLM(config).eval(), None
 
 
+def _hybrid():
+    """Full-attention and sliding-window layers in one model (two kinds of cache layer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).eval(), None
+
+
 def _embedded():
     from tracer.models import load_model
 
@@ -127,6 +138,10 @@ SCENARIOS: dict[str, tuple] = {
     "sliding_static": ("sliding", lambda t: {"input_ids": torch.arange(3, 9)[None]},
                        dict(max_new_tokens=6, min_new_tokens=6, cache_implementation="static"), dict(attention=True),
                        None, False),
+    "hybrid_dynamic": ("hybrid", lambda t: {"input_ids": torch.arange(3, 9)[None]},
+                       dict(max_new_tokens=6, min_new_tokens=6), dict(modules=True), None, False),
+    "hybrid_static": ("hybrid", lambda t: {"input_ids": torch.arange(3, 9)[None]},
+                      dict(max_new_tokens=6, min_new_tokens=6, cache_implementation="static"), {}, None, False),
     "embedded_greedy_light": ("embedded", lambda t: _chat(t, ["What is the capital of France?", "Hi"]),
                               dict(max_new_tokens=10), {}, None, True),
     "embedded_sampling_light": ("embedded", lambda t: _chat(t, ["Write one sentence about the sea."]),
@@ -135,7 +150,7 @@ SCENARIOS: dict[str, tuple] = {
                                    None, True),
 }
 
-_MODELS: dict[str, Callable] = {"tiny": _tiny, "sliding": _sliding, "embedded": _embedded}
+_MODELS: dict[str, Callable] = {"tiny": _tiny, "sliding": _sliding, "hybrid": _hybrid, "embedded": _embedded}
 
 
 def run_scenario(name: str, models: dict[str, Any]) -> dict[str, Any]:

@@ -77,6 +77,75 @@ def read_cache(cache: Any) -> list[LayerReading] | None:
     return [read_layer(layer) for layer in layers]
 
 
+class CacheReader:
+    """Reads one generation's cache after every step without Python work per layer.
+
+    The first reading reads every layer.  Layers alike then (same class, settings, dtype,
+    device, shapes but the sequence axis, same reading) receive the same updates every step
+    (each layer stores the step's tokens), so from then on one representative of each group is
+    read and its reading stands for the group; a new cache object, a changed layer count or an
+    uninitialised layer (a lazily filled cache) means every layer is read again.
+    :meth:`check` compares a full reading of the final cache with the derived one.
+    """
+
+    def __init__(self) -> None:
+        self._cache: Any = None
+        self._n = -1
+        self._reps: tuple[int, ...] = ()  # one layer index per group
+        self._group_of: tuple[int, ...] = ()  # per layer: its group's position in _reps
+
+    def read(self, cache: Any) -> list[LayerReading] | None:
+        layers = _layers(cache)
+        if layers is None:
+            return None
+        if cache is self._cache and len(layers) == self._n:
+            reps = [read_layer(layers[i]) for i in self._reps]
+            return [reps[g] for g in self._group_of]
+        readings = [read_layer(layer) for layer in layers]
+        keys = [_alike_key(layer, r) for layer, r in zip(layers, readings)]
+        if all(k is not None for k in keys):
+            firsts: dict[tuple, int] = {}
+            group_of = tuple(firsts.setdefault(k, len(firsts)) for k in keys)
+            reps = {g: i for i, g in reversed(list(enumerate(group_of)))}
+            self._cache, self._n = cache, len(layers)
+            self._reps, self._group_of = tuple(reps[g] for g in range(len(firsts))), group_of
+        else:
+            self._cache, self._n = None, -1
+        return readings
+
+    def check(self, cache: Any, last: list[LayerReading] | None) -> str | None:
+        """None when a full reading of ``cache`` equals ``last`` (the derived reading of the
+        final step), else why not (the trace notes it)."""
+        full = read_cache(cache)
+        if full is None or last is None:
+            return None
+        for i, (a, b) in enumerate(zip(full, last)):
+            if (_as_int(a.seen), _as_int(a.kept), a.allocated, a.nbytes) != (_as_int(b.seen), _as_int(b.kept),
+                                                                                b.allocated, b.nbytes):
+                return (f"cache layer {i}: the per-step reading taken from an alike layer ({b}) differs from its "
+                        f"own ({a}) at the last step; the cache timeline may be wrong for that layer")
+        return None if len(full) == len(last) else "cache layer count changed during generation"
+
+
+def _layers(cache: Any) -> Sequence[Any] | None:
+    if cache is None:
+        return None
+    inner = getattr(cache, "self_attention_cache", None)  # EncoderDecoderCache
+    return getattr(inner if inner is not None else cache, "layers", None)
+
+
+def _alike_key(layer: Any, reading: LayerReading) -> tuple | None:
+    """What makes two layers' readings equal at every later step; None: not initialised."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not reading.allocated or keys is None or values is None or not hasattr(values, "shape"):
+        return None
+    settings = tuple(getattr(layer, a, None) for a in ("max_cache_len", "sliding_window", "is_sliding"))
+    seen = None if hasattr(reading.seen, "item") else reading.seen
+    kept = None if hasattr(reading.kept, "item") else reading.kept
+    return (type(layer), settings, keys.dtype, keys.device, tuple(keys.shape[:-2]), keys.shape[-1],
+            values.dtype, tuple(values.shape), seen, kept, reading.allocated, reading.nbytes)
+
+
 def describe_layers(cache: Any) -> tuple[CacheLayerInfo, ...]:
     out = []
     for layer in cache_layers(cache) or []:

@@ -52,8 +52,10 @@ class _StepScratch:
     t0: float
     inputs: FedInputs
     cache_len_before: int
-    stages: list[StageRows] = field(default_factory=list)
-    logps: list[torch.Tensor] = field(default_factory=list)  # (B, V) log-softmax per stage
+    stages: list[tuple[str, dict]] = field(default_factory=list)  # (name, params) per stage
+    rows: torch.Tensor | None = None  # (n_stages, B, V) copies of the distinct score rows
+    n_rows: int = 0
+    row_of: list[int] = field(default_factory=list)  # per stage: its row in ``rows``
     layer_last: dict[int, torch.Tensor] = field(default_factory=dict)
     points: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed", "norm"
     readings: Any = None
@@ -88,10 +90,12 @@ class StepRecorder:
             self.prompt_mask = None if self.prompt_ids is None else np.ones_like(self.prompt_ids)
         self.generation_config: Any = None
         self.processor_params: dict[int, dict[str, Any]] = {}  # id(processor) -> its settings
+        self.n_stages = 1
         self.sampled = False
         self.cur: _StepScratch | None = None
         self.done: list[FinishedStep] = []
         self.readings: list[Any] = []
+        self.cache_reader = cache_inspector.CacheReader()
         self.blobs = MemoryStore()
         self.blob_bytes = 0
         self.budget_exhausted = False
@@ -158,6 +162,7 @@ class StepRecorder:
         # read once: processors are the same objects every step (and reading a CUDA tensor
         # parameter would synchronise the device)
         self.processor_params = {id(p): stage_params(p) for p in processors}
+        self.n_stages = len(processors) + 1  # score rows per step: the logits, then each processor
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
         batch *= max(int(getattr(generation_config, "num_return_sequences", 1) or 1), 1)
         max_new = max(int(generation_config.max_length) - input_len, 1)
@@ -249,7 +254,7 @@ class StepRecorder:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self.last_cache = cache
         if self.config.cache:
-            step.readings = cache_inspector.read_cache(cache)
+            step.readings = self.cache_reader.read(cache)
         kv_layers = self.plan.kv_layers
         if kv_layers and (self.config.kv_steps is None or step.index in self.config.kv_steps):
             layers = cache_inspector.cache_layers(cache) or []
@@ -262,38 +267,57 @@ class StepRecorder:
                     self._put_blob(blob_key("values", step.index, i), layers[i].values[..., :kept, :])
 
     def _stage(self, processor: Any, scores: torch.Tensor) -> None:
+        """Keep a copy of the stage's scores row (a later processor may write in place); every
+        statistic is computed for all stages at once in :meth:`_end_step`."""
         step = self.cur
-        with torch.no_grad():
-            prev = step.stages[-1] if step.stages else None
-            version = _version(scores)
-            same_object = scores is step.last_scores and version is not None and version == step.last_version
-            if prev is not None and (same_object or (
-                    scores is not step.last_scores and scores.device.type == "cpu"
-                    and torch.equal(scores, step.last_scores))):
-                # a processor that changed nothing (e.g. min-length once reached): same stats
-                ids, values, lse, masked, entropy = prev.ids, prev.values, prev.lse, prev.masked, prev.entropy
-                kl, logp = torch.zeros_like(lse), step.logps[-1]
-            else:
-                k = min(self.config.top_k, scores.shape[-1])
-                values, ids = torch.topk(scores, k, dim=-1)
-                s32 = scores.float()
-                lse = torch.logsumexp(s32, dim=-1, keepdim=True)
-                logp = s32 - lse  # -inf stays -inf
-                lse = lse.squeeze(-1)
-                masked = torch.isneginf(scores).sum(-1)
-                p = logp.exp()
-                entropy = torch.special.entr(p).sum(-1)
-                if prev is not None:  # KL(p || previous); 0·log0 terms are nan and dropped
-                    kl = (p * (logp - step.logps[-1])).nansum(-1)
-                else:
-                    kl = torch.zeros_like(lse)
-                    if self.config.full_logits:
-                        step.full_logits = to_host(scores.detach().float())
-            step.last_scores, step.last_version = scores, version
+        version = _version(scores)
+        same = scores is step.last_scores and version is not None and version == step.last_version
+        if step.n_rows and (same or (scores is not step.last_scores and scores.device.type == "cpu"
+                                     and torch.equal(scores, step.last_scores))):
+            step.row_of.append(step.row_of[-1])  # a processor that changed nothing: same row
+        else:
+            with torch.no_grad():
+                if step.rows is None or step.n_rows == step.rows.shape[0]:
+                    step.rows = _grow(step.rows, scores, self.n_stages)
+                step.rows[step.n_rows].copy_(scores)
+                if not step.n_rows and self.config.full_logits:
+                    step.full_logits = to_host(scores.detach().float())
+            step.row_of.append(step.n_rows)
+            step.n_rows += 1
+        step.last_scores, step.last_version = scores, version
         name = "logits" if processor is None else type(processor).__name__
-        params = {} if processor is None else self.processor_params.get(id(processor), {})
-        step.stages.append(StageRows(name, params, ids, values, lse, masked, kl, entropy))
-        step.logps.append(logp)
+        step.stages.append((name, {} if processor is None else self.processor_params.get(id(processor), {})))
+
+    def _stage_rows(self, step: _StepScratch, chosen: torch.Tensor):
+        """(StageRows per stage, chosen rank per stage, chosen log-prob per stage) from the distinct
+        rows `(R, B, V)`: selections, counts and elementwise work in one batched op each; float
+        sums row by row, so that every value keeps the reduction order (the bits) of a
+        single `(B, V)` row.  A stage that changed nothing shares its predecessor's row, KL 0."""
+        n = step.n_rows
+        x = step.rows[:n]
+        values, ids = torch.topk(x, min(self.config.top_k, x.shape[-1]), dim=-1)
+        s32 = x.float()
+        lse = torch.stack([torch.logsumexp(s32[r], dim=-1) for r in range(n)])
+        logp = s32 - lse.unsqueeze(-1)  # -inf stays -inf
+        masked = torch.isneginf(x).sum(-1)
+        p = logp.exp()
+        ent = torch.special.entr(p)
+        entropy = [ent[r].sum(-1) for r in range(n)]
+        zero = torch.zeros_like(lse[0])
+        if n > 1:  # KL(p || previous row); 0·log0 terms are nan and dropped
+            terms = p[1:] * (logp[1:] - logp[:-1])
+            kl = [zero] + [terms[r - 1].nansum(-1) for r in range(1, n)]
+        else:
+            kl = [zero]
+        chosen_lp = logp.gather(-1, chosen.view(1, -1, 1).expand(n, -1, 1))
+        ranks = (logp > chosen_lp).sum(-1)
+        chosen_lp = chosen_lp.squeeze(-1)
+        stages, prev = [], -1
+        for (name, params), r in zip(step.stages, step.row_of):
+            stages.append(StageRows(name, params, ids[r], values[r], lse[r], masked[r],
+                                    zero if r == prev else kl[r], entropy[r]))
+            prev = r
+        return stages, [ranks[r] for r in step.row_of], [chosen_lp[r] for r in step.row_of]
 
     def _end_step(self, input_ids: torch.Tensor, is_done: torch.Tensor, fired: list) -> None:
         step = self.cur
@@ -305,13 +329,7 @@ class StepRecorder:
             active = self.unfinished.clone()
             finished = active & is_done
             self.unfinished = active & ~is_done
-            ranks = logps = None
-            if step.logps:
-                stacked = torch.stack(step.logps)  # (n_stages, B, V)
-                index = chosen.view(1, -1, 1).expand(stacked.shape[0], -1, 1)
-                chosen_lp = stacked.gather(-1, index)
-                ranks = (stacked > chosen_lp).sum(-1)
-                logps = chosen_lp.squeeze(-1)
+            stages, ranks, logps = self._stage_rows(step, chosen) if step.n_rows else ([], None, None)
             lens = self._logit_lens(step, chosen) if plan.lens_layers else None
             norms = self._residual_norms(step)
             for i in plan.hidden_layers:
@@ -336,7 +354,7 @@ class StepRecorder:
             time_s=time.perf_counter() - step.t0,
             inputs=step.inputs,
             cache_len_before=step.cache_len_before,
-            stages=list(step.stages),
+            stages=stages,
             ranks=ranks,
             logps=logps,
             chosen=chosen,
@@ -393,12 +411,20 @@ class StepRecorder:
         self.blobs.put(key, tensor if host else to_host(tensor.detach()))
 
     # -- the end ---------------------------------------------------------------------
+    def _check_cache(self) -> None:
+        note = self.cache_reader.check(self.last_cache, self.readings[-1])
+        if note is not None:
+            self.notes.append(note)
+            warnings.warn(note, TracerWarning, stacklevel=4)
+
     def finish(self, output: Any, error: BaseException | None) -> Trace:
         if self.plan.attention is not None:
             self.plan.attention.reset()  # drop references to this generation's tensors
         self.cur, self.own_forward, self.nested = None, False, 0
         if self.plan.device.type != "cpu":
             sync(self.plan.device)
+        if error is None and self.config.cache and self.last_cache is not None and self.readings:
+            self._guard(self._check_cache)  # once: the readings derived per step hold at the end
         facts = GenerationFacts(
             prompt_ids=self.prompt_ids,
             prompt_mask=self.prompt_mask,
@@ -413,6 +439,15 @@ class StepRecorder:
             wall_time_s=time.perf_counter() - self.t_start,
         )
         return build_trace(self.plan, self.config, self.tokenizer, facts, self.done, self.blobs, output, error)
+
+
+def _grow(rows: torch.Tensor | None, scores: torch.Tensor, n: int) -> torch.Tensor:
+    """A `(n, B, V)` buffer for the step's score rows (more when a step brings more stages)."""
+    fresh = torch.empty((n if rows is None else rows.shape[0] + 1, *scores.shape), dtype=scores.dtype,
+                        device=scores.device)
+    if rows is not None:
+        fresh[: rows.shape[0]].copy_(rows)
+    return fresh
 
 
 def _fed_inputs(args: tuple, kwargs: dict, input_ids: torch.Tensor | None, cache: Any) -> FedInputs:
