@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-nnsight", action="store_true")
+    p.add_argument("--configs", default=None, help="comma-separated subset (plain is always run)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     subjects = {f"{n} layers": llama_subject(n, device) for n in layers}
     layer_of = {f"{n} layers": n for n in layers}
     configs = configurations(include_nnsight=not args.no_nnsight)
+    if args.configs:
+        keep = {"plain", *args.configs.split(",")}
+        configs = {k: v for k, v in configs.items() if k in keep}
     print(f"step cost: {tokens} tokens, {repeats} rounds, layers {layers}, configs {list(configs)}", flush=True)
     results = measure(subjects, configs, new_tokens=tokens, repeats=repeats, log=lambda m: print(m, flush=True))
     summary = summarise(results, layer_of)
