@@ -49,3 +49,12 @@ def test_reference_tiny(name, models):
 @pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s[-1]])
 def test_reference_embedded(name, models):
     _check(name, models)
+
+
+@pytest.mark.parametrize("name", ["tiny_greedy_everything", "tiny_sampling_light", "hybrid_static"])
+def test_reference_bulk_host_copies(name, models, monkeypatch):
+    """The one-transfer-per-dtype path a GPU takes at the end, forced on CPU tensors."""
+    from tracer import assemble
+
+    monkeypatch.setattr(assemble._HostCopies, "include_cpu", True)
+    _check(name, models)

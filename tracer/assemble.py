@@ -92,8 +92,8 @@ class FinishedStep:
     inputs: FedInputs
     cache_len_before: int
     stages: list[StageRows]
-    ranks: torch.Tensor | None  # (n_stages, B)
-    logps: torch.Tensor | None  # (n_stages, B)
+    ranks: Sequence[torch.Tensor] | None  # per stage (B,)
+    logps: Sequence[torch.Tensor] | None  # per stage (B,)
     chosen: torch.Tensor
     active: torch.Tensor
     finished: torch.Tensor
@@ -132,7 +132,8 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
         # mps defers the stop check by one step and undoes it: keep the steps generate kept
         n_steps = min(n_steps, int(sequences.shape[1]) - int(facts.prompt_ids.shape[1]))
     kept = done[:n_steps]
-    steps = [_to_record(d, facts.sampled) for d in kept]
+    host = _HostCopies(kept)  # every device tensor the steps hold, in one transfer per dtype
+    steps = [_to_record(d, facts.sampled, host) for d in kept]
     batch = int(steps[0].chosen.shape[0]) if steps else (0 if facts.prompt_ids is None else facts.prompt_ids.shape[0])
     prompt_ids = facts.prompt_ids if facts.prompt_ids is not None else np.zeros((batch, 0), np.int64)
     prompt_mask = facts.prompt_mask if facts.prompt_mask is not None else np.ones_like(prompt_ids)
@@ -149,7 +150,7 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
         cache = cache_inspector.build_timeline(facts.last_cache, facts.readings[:n_steps], batch_size=batch,
                                                reused_len=facts.reused_len)
     meta = _meta(plan, config, tokenizer, facts, status, error)
-    steps = [_with_reasons(s, d, tokenizer, meta.terminators) for s, d in zip(steps, kept)]
+    steps = [_with_reasons(s, d, tokenizer, meta.terminators, host) for s, d in zip(steps, kept)]
     for key in list(blobs.keys()):  # host tensors -> numpy, after the one sync in finish
         blobs.put(key, _np(blobs.get(key)))
     ordered = _shown_ids(seqs, steps)
@@ -201,56 +202,56 @@ def _generated(steps: Sequence[StepRecord], b: int) -> list[int]:
     return out
 
 
-def _to_record(d: FinishedStep, sampled: bool) -> StepRecord:
+def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies") -> StepRecord:
     fed = d.inputs
-    ids = _np(fed.input_ids).astype(np.int64) if fed.input_ids is not None else np.zeros((0, 0), np.int64)
+    ids = host(fed.input_ids).astype(np.int64) if fed.input_ids is not None else np.zeros((0, 0), np.int64)
     q_len = ids.shape[1] if ids.ndim == 2 else 0
     stages = tuple(
         Stage(
             name=st.name,
             params=st.params,
-            top=TopK(ids=_np(st.ids).astype(np.int64), values=_np(st.values).astype(np.float32),
-                     logsumexp=_np(st.lse).astype(np.float32)),
-            n_masked=_np(st.masked).astype(np.int64),
-            chosen_rank=_np(d.ranks[j]).astype(np.int64),
-            chosen_logprob=_np(d.logps[j]).astype(np.float32),
-            kl=_np(st.kl).astype(np.float32),
-            entropy=_np(st.entropy).astype(np.float32),
+            top=TopK(ids=host(st.ids).astype(np.int64), values=host(st.values).astype(np.float32),
+                     logsumexp=host(st.lse).astype(np.float32)),
+            n_masked=host(st.masked).astype(np.int64),
+            chosen_rank=host(d.ranks[j]).astype(np.int64),
+            chosen_logprob=host(d.logps[j]).astype(np.float32),
+            kl=host(st.kl).astype(np.float32),
+            entropy=host(st.entropy).astype(np.float32),
         )
         for j, st in enumerate(d.stages)
     )
     lens = None
     if d.lens is not None:
-        lens = LogitLens(layers=d.lens.layers, chosen_rank=_np(d.lens.rank).astype(np.int64),
-                         chosen_prob=_np(d.lens.prob).astype(np.float32), top_id=_np(d.lens.top).astype(np.int64))
+        lens = LogitLens(layers=d.lens.layers, chosen_rank=host(d.lens.rank).astype(np.int64),
+                         chosen_prob=host(d.lens.prob).astype(np.float32), top_id=host(d.lens.top).astype(np.int64))
     stats = None
     if d.attn_stats is not None:
         a = d.attn_stats
-        stats = AttentionStats(layers=a.layers, entropy=_np(a.entropy).astype(np.float32),
-                               sink=_np(a.sink).astype(np.float32), argmax=_np(a.argmax).astype(np.int64))
-    mask = _np(fed.mask).astype(np.int8) if fed.mask is not None else None
+        stats = AttentionStats(layers=a.layers, entropy=host(a.entropy).astype(np.float32),
+                               sink=host(a.sink).astype(np.float32), argmax=host(a.argmax).astype(np.int64))
+    mask = host(fed.mask).astype(np.int8) if fed.mask is not None else None
     return StepRecord(
         index=d.index,
         inputs=StepInputs(
             input_ids=ids,
-            position_ids=_np(fed.position_ids).astype(np.int64) if fed.position_ids is not None else None,
+            position_ids=host(fed.position_ids).astype(np.int64) if fed.position_ids is not None else None,
             cache_slots=np.arange(d.cache_len_before, d.cache_len_before + q_len, dtype=np.int64),
             attention_mask_shape=fed.mask_shape,
             cache_len_before=int(d.cache_len_before),
             names=fed.names,
             attention_mask=mask,
-            mask_padding=_np(fed.mask_padding).astype(np.int64) if fed.mask_padding is not None else None,
+            mask_padding=host(fed.mask_padding).astype(np.int64) if fed.mask_padding is not None else None,
             logits_to_keep=fed.logits_to_keep,
             cache_class=fed.cache_class,
         ),
         stages=stages,
-        chosen=_np(d.chosen).astype(np.int64),
+        chosen=host(d.chosen).astype(np.int64),
         sampled=sampled,
-        active=_np(d.active).astype(bool),
-        finished=_np(d.finished).astype(bool),
+        active=host(d.active).astype(bool),
+        finished=host(d.finished).astype(bool),
         stop_reasons=(),  # resolved once token texts are known
         time_s=float(d.time_s),
-        residual_norms=_np(d.norms).astype(np.float32) if d.norms is not None else None,
+        residual_norms=host(d.norms).astype(np.float32) if d.norms is not None else None,
         logit_lens=lens,
         attention_stats=stats,
     )
@@ -270,8 +271,9 @@ def stop_reason_of(criteria: Any, token_id: int, token_text: str) -> StopReason:
     return StopReason("criteria", None, "confidence" if name == "ConfidenceCriteria" else name)
 
 
-def _with_reasons(step: StepRecord, d: FinishedStep, tokenizer: Any, terminators: dict[int, str]) -> StepRecord:
-    fired = [(c, _np(r).astype(bool).reshape(-1)) for c, r in d.fired]
+def _with_reasons(step: StepRecord, d: FinishedStep, tokenizer: Any, terminators: dict[int, str],
+                  host: "_HostCopies") -> StepRecord:
+    fired = [(c, host(r).astype(bool).reshape(-1)) for c, r in d.fired]
     reasons: list[StopReason | None] = []
     for b in range(step.chosen.shape[0]):
         if not step.finished[b]:
@@ -361,6 +363,48 @@ def stage_params(processor: Any) -> dict[str, Any]:
             out[key] = value.detach().cpu().tolist()
         elif isinstance(value, (list, tuple)) and len(value) <= 16 and all(isinstance(v, (int, float, str)) for v in value):
             out[key] = list(value)
+    return out
+
+
+class _HostCopies:
+    """``host(x)``: the numpy array of ``x``, like :func:`_np`; the device tensors of the given
+    steps are copied to the host together (one transfer per dtype) instead of one by one, which
+    on a GPU would be a synchronisation each."""
+
+    include_cpu = False  # tests set it to run the bulk path on CPU tensors too
+
+    def __init__(self, steps: Sequence[FinishedStep]):
+        self.arrays: dict[int, np.ndarray] = {}
+        groups: dict[tuple, dict[int, torch.Tensor]] = {}
+        for d in steps:
+            for t in _step_tensors(d):
+                if isinstance(t, torch.Tensor) and (t.device.type != "cpu" or self.include_cpu):
+                    groups.setdefault((t.device, t.dtype), {})[id(t)] = t
+        self.keep = groups  # the ids stay valid while the tensors live
+        for tensors in groups.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors.values()]).cpu()
+            if flat.dtype == torch.bfloat16:
+                flat = flat.float()
+            start = 0
+            for key, t in tensors.items():
+                self.arrays[key] = flat[start : start + t.numel()].numpy().reshape(tuple(t.shape))
+                start += t.numel()
+
+    def __call__(self, x: Any) -> np.ndarray:
+        got = self.arrays.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return got if got is not None else _np(x)
+
+
+def _step_tensors(d: FinishedStep) -> list[Any]:
+    fed = d.inputs
+    out = [fed.input_ids, fed.position_ids, fed.mask, fed.mask_padding, d.chosen, d.active, d.finished, d.norms]
+    for st in d.stages:
+        out += [st.ids, st.values, st.lse, st.masked, st.kl, st.entropy]
+    out += list(d.ranks or ()) + list(d.logps or ()) + [r for _, r in d.fired]
+    if d.lens is not None:
+        out += [d.lens.rank, d.lens.prob, d.lens.top]
+    if d.attn_stats is not None:
+        out += [d.attn_stats.entropy, d.attn_stats.sink, d.attn_stats.argmax]
     return out
 
 

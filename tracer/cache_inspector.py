@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .records import CacheLayerInfo, CacheTimeline
 
@@ -178,6 +179,16 @@ def _as_int(value: Any) -> int:
     return int(value.item()) if hasattr(value, "item") else int(value)
 
 
+def _host_counters(rows: Sequence[list[LayerReading]]) -> dict[int, int]:
+    """``{id(tensor): value}`` of every device length counter in ``rows``, read in one transfer
+    (layers of a group share one counter per step)."""
+    tensors = {id(v): v for row in rows for r in row for v in (r.seen, r.kept) if hasattr(v, "item")}
+    if not tensors:
+        return {}
+    values = torch.stack([t.reshape(()).to(torch.int64) for t in tensors.values()]).cpu().tolist()
+    return dict(zip(tensors, values))
+
+
 def build_timeline(
     cache: Any, readings: Sequence[list[LayerReading] | None], *, batch_size: int, reused_len: int
 ) -> CacheTimeline | None:
@@ -192,10 +203,11 @@ def build_timeline(
     kept = np.zeros(shape, np.int64)
     allocated = np.zeros(shape, np.int64)
     nbytes = np.zeros(shape, np.int64)
+    counters = _host_counters(rows)
     for s, row in enumerate(rows):
         for i, reading in enumerate(row[:n_layers]):
-            seen[s, i] = _as_int(reading.seen)
-            kept[s, i] = _as_int(reading.kept)
+            seen[s, i] = counters.get(id(reading.seen), reading.seen)
+            kept[s, i] = counters.get(id(reading.kept), reading.kept)
             allocated[s, i] = reading.allocated
             nbytes[s, i] = reading.nbytes
     return CacheTimeline(
