@@ -107,7 +107,9 @@ def test_two_d_padding_mask_flash_style():
     np.testing.assert_allclose(maps[0].numpy(), want.numpy(), atol=1e-6)
     assert np.all(maps[0].numpy()[1, :, :2] == 0)  # padding query rows
     assert np.all(maps[0].numpy()[1, :, :, :2] == 0)  # padded keys
-    entropy, sink, argmax = stats[0]
+    layers, entropy, sink, argmax = stats  # each (L, B, H)
+    assert layers == (0,)
+    sink = sink[0]
     np.testing.assert_allclose(sink.numpy()[1], maps[0].numpy()[1, :, -1, 2], atol=1e-7)  # first attended key
 
 

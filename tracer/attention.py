@@ -94,7 +94,7 @@ class AttentionRecorder:
         self.cache_len_before = 0
         self.enabled = True
         self.maps: dict[int, torch.Tensor] = {}  # layer -> (B, H_rec, Q, T) for the current step
-        self.stats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.stats: list[tuple] = []  # (layers, entropy, sink, argmax) per batch of layers computed together
         self._head_index: dict[torch.device, torch.Tensor] = {}
         self._layer_of = {id(m): i for i, m in modules.items()}
         self._pending: list[tuple] = []  # decode-step rows computed for all layers at once
@@ -107,7 +107,7 @@ class AttentionRecorder:
         """Forget the generation: no step, no pending references to model tensors."""
         self.step = -1
         self.enabled = False
-        self.maps, self.stats, self._pending = {}, {}, []
+        self.maps, self.stats, self._pending = {}, [], []
         self._mask_key, self._mask_value = None, (None, None)
 
     def begin_step(self, step: int, cache_len_before: int) -> None:
@@ -118,7 +118,7 @@ class AttentionRecorder:
         self.step = step
         self.cache_len_before = cache_len_before
         self.maps = {}
-        self.stats = {}
+        self.stats = []
         self._pending = []
         self._mask_key: tuple | None = None  # every layer of a step gets the same mask: build once
         self._mask_value: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
@@ -153,14 +153,25 @@ class AttentionRecorder:
                                          kwargs.get("softcap"), None if weights is None else weights.unsqueeze(0))
             self._keep([layer], probs, first)
 
-    def collect(self) -> tuple[dict[int, tuple], dict[int, torch.Tensor]]:
-        """(stats, maps) of the step, per layer; computes the deferred decode rows first."""
+    def collect(self) -> tuple[tuple | None, dict[int, torch.Tensor]]:
+        """(stats, maps) of the step; computes the deferred decode rows first.  ``stats`` is
+        ``(layers, entropy, sink, argmax)``, each tensor `(L, B, H)` in the order of ``layers``
+        (ascending), or None when nothing was recorded; ``maps`` is per layer."""
         if self._pending:
             with torch.no_grad():
                 self._flush()
-        stats, maps = self.stats, self.maps
-        self.stats, self.maps = {}, {}
-        return stats, maps
+        chunks, maps = sorted(self.stats, key=lambda c: c[0][0]), self.maps
+        self.stats, self.maps = [], {}
+        if not chunks:
+            return None, maps
+        layers = tuple(layer for c in chunks for layer in c[0])
+        if len(chunks) == 1:
+            return chunks[0], maps
+        if list(layers) != sorted(layers):  # interleaved chunks: per layer, in order
+            per = {layer: (c[1][i], c[2][i], c[3][i]) for c in chunks for i, layer in enumerate(c[0])}
+            layers = tuple(sorted(per))
+            return (layers, *[torch.stack([per[layer][j] for layer in layers]) for j in range(3)]), maps
+        return (layers, *[torch.cat([c[j] for c in chunks]) for j in (1, 2, 3)]), maps
 
     def _flush(self) -> None:
         groups: dict[tuple, list[tuple]] = {}
@@ -226,8 +237,7 @@ class AttentionRecorder:
         else:
             sink = last.gather(-1, first.expand(last.shape[:-1]).unsqueeze(-1)).squeeze(-1)
         argmax = last.argmax(dim=-1)
-        for i, layer in enumerate(layers):
-            self.stats[layer] = (entropy[i], sink[i], argmax[i])
+        self.stats.append((tuple(layers), entropy, sink, argmax))  # `(L, B, H)` each
         if self.store_maps:
             maps = probs.to(self.dtype)  # our own tensor: no extra copy on the host
             maps = maps if maps.device.type == "cpu" else to_host(maps)

@@ -342,9 +342,8 @@ class StepRecorder:
                 if plan.attention.error is not None:
                     raise plan.attention.error
                 stats, maps = plan.attention.collect()
-                if stats:
-                    layers = sorted(stats)
-                    attn_stats = StatsRows(tuple(layers), *[torch.stack([stats[l][j] for l in layers]) for j in range(3)])
+                if stats is not None:
+                    attn_stats = StatsRows(*stats)
                 for layer, probs in maps.items():
                     self._put_blob(blob_key("attention", step.index, layer), probs, host=True)
         if self.config.sync_timing:
