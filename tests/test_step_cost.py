@@ -1,0 +1,107 @@
+"""Smoke tests of ``benchmarks/step_cost.py`` and ``benchmarks/gpu.py`` (``--device cpu
+--quick``): every configuration timed, traced ids equal to plain ``generate``'s, per-layer
+slopes and targets filled, the JSON written.  Not timing tests.  The ``gpu`` test checks on a
+real CUDA device that recorder code never synchronises during decoding."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_inputs, make_tiny_llama
+
+
+def _load(name):
+    path = REPO_ROOT / "benchmarks" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"tracer_benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def one_thread():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_step_cost_quick(tmp_path, one_thread):
+    sc = _load("step_cost")
+    report = sc.main(["--layers", "1,3", "--tokens", "4", "--repeats", "1", "--vocab", "512", "--no-nnsight",
+                      "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "step_cost.json").read_text())
+    assert saved["layers"] == [1, 3] and set(saved["subjects"]) == {"1 layers", "3 layers"}
+    names = {"plain", "light", "modules", "attention", "full_logits", "hf_scores", "hf_eager_attn", "hooks"}
+    for subject in saved["subjects"].values():
+        rows = subject["configs"]
+        assert set(rows) == names
+        assert rows["plain"]["ratio"] == 1.0 and rows["plain"]["added_ms_per_step"] == 0.0
+        for name in ("light", "modules", "attention", "full_logits", "hf_scores", "hooks"):
+            assert rows[name]["identical_to_plain"] is True, name
+            assert len(rows[name]["times_s"]) == 1 and rows[name]["error"] is None
+    light = report["summary"]["configs"]["light"]
+    assert set(light["added_ms_per_step"]) == {1, 3} and light["slope_ms_per_layer"] is not None
+    targets = report["summary"]["targets"]
+    assert {"light <= hf_scores", "attention <= hf_eager_attn", "modules <= 2 x light"} <= set(targets)
+
+
+def test_gpu_script_on_cpu_quick(tmp_path, one_thread):
+    gpu = _load("gpu")
+    report = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["device_name"].startswith("cpu") and not saved["skipped"]
+    assert set(saved["sections"]) == {f"{n} sdpa" for n in gpu.TINY_SHAPES}
+    for section in report["sections"].values():
+        assert section["configs"]["light"]["identical_to_plain"] is True
+        assert section["configs"]["attention"]["identical_to_plain"] is True
+    assert saved["flash_attention_2"] == "no CUDA" or not torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("record", ["light", "attention", "everything"])
+def test_recorder_never_synchronises_on_cuda(record):
+    """torch's sync debug mode set to "error" inside every recorder event during decoding: a
+    synchronising CUDA call made by tracer code raises (and stops recording, which we assert
+    did not happen)."""
+    import tracer
+    from tracer import RecordConfig
+    from tracer.recorder import StepRecorder
+
+    config = {"light": RecordConfig(), "attention": RecordConfig(attention=True),
+              "everything": RecordConfig.everything(hidden_layers="all", full_logits=True)}[record]
+    model = make_tiny_llama().cuda()
+    inputs = {k: v.cuda() for k, v in make_inputs(batch=2, seq=5, left_pad=1).items()}
+    gen = dict(max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    plain = model.generate(**inputs, **gen)
+    events = ["forward_start", "forward_end", "layer_output", "point", "scores", "stop_check"]
+    originals = {name: getattr(StepRecorder, name) for name in events}
+
+    def strict(fn):
+        def run(self, *args, **kwargs):
+            if not self.done:  # the prompt step may read its cache position once
+                return fn(self, *args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    try:
+        for name, fn in originals.items():
+            setattr(StepRecorder, name, strict(fn))
+        with tracer.trace(model, record=config) as session:
+            out = model.generate(**inputs, **gen)
+    finally:
+        for name, fn in originals.items():
+            setattr(StepRecorder, name, fn)
+    assert torch.equal(out, plain)
+    assert session.trace.meta.status == "complete" and not session.trace.meta.notes, session.trace.meta.notes
