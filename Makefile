@@ -60,6 +60,15 @@ bench: venv
 	$(BIN)/python -m pip install -q nnsight==0.8.1 || echo "nnsight not installed: peer column skipped"
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/analysis.py
+	$(BIN)/python benchmarks/step_cost.py
+
+# What tracing adds per step next to a GPU forward (8B/1B-shaped bf16, random weights): <= 8 min
+# on one H100-class GPU; then the gpu-marked tests.  Needs a CUDA torch in .venv.
+.PHONY: bench-gpu
+bench-gpu: venv
+	$(BIN)/python -m pip install -q nnsight==0.8.1 || echo "nnsight not installed: peer column skipped"
+	$(BIN)/python benchmarks/gpu.py --device cuda
+	$(BIN)/python -m pytest -q -m gpu
 
 # The real-browser notebook check alone (JupyterLab + Debian's chromium); screenshots in
 # tests/_artifacts/browser/. Part of `make test` whenever /usr/bin/chromium exists.
