@@ -19,6 +19,7 @@ import os
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,36 @@ def test_counter_sees_a_read(tiny_model, monkeypatch):
     reading_end_step.__code__ = reading_end_step.__code__.replace(co_filename=recorder_module.__file__)
     calls, _, _ = count_reads(tiny_model, make_inputs(seq=5), RecordConfig())
     assert sum(calls.values()) == NEW_TOKENS - 1 and all(k.startswith("__int__ recorder.py") for k in calls), calls
+
+
+def test_processor_changing_dtype_and_in_place(tiny_model):
+    """Stage rows are copies taken when each stage runs: a processor writing its input in place
+    or returning another dtype leaves the earlier stages' statistics as they were."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class InPlace(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, :10] = float("-inf")  # writes the previous stage's tensor
+            return scores
+
+    class Half(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.to(torch.bfloat16)
+
+    inputs = make_inputs(seq=5)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0,
+               logits_processor=LogitsProcessorList([Half(), InPlace()]))
+    plain = tiny_model.generate(**inputs, **gen)
+    with tracer.trace(tiny_model, record=RecordConfig(full_logits=True)) as session:
+        out = tiny_model.generate(**inputs, **gen)
+    assert torch.equal(out, plain)
+    for step in session.trace.steps:
+        by_name = {s.name: s for s in step.stages}
+        half, masked = by_name["Half"], by_name["InPlace"]
+        assert masked.n_masked[0] == 10  # ids 0-9 (eos 2 among them)
+        assert half.n_masked[0] == 1  # eos only: copied before InPlace wrote into the same tensor
+        assert masked.kl[0] > 0 and half.top.values.dtype == np.float32
+        logits = session.trace.blobs.get(f"logits/{step.index}")
+        np_half = torch.from_numpy(logits).to(torch.bfloat16).float().numpy()[0]
+        top = np.sort(np_half[np.isfinite(np_half)])[::-1][:3]
+        assert np.array_equal(half.top.values[0][:3], top)

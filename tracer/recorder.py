@@ -277,7 +277,8 @@ class StepRecorder:
             step.row_of.append(step.row_of[-1])  # a processor that changed nothing: same row
         else:
             with torch.no_grad():
-                if step.rows is None or step.n_rows == step.rows.shape[0]:
+                if (step.rows is None or step.n_rows == step.rows.shape[0]
+                        or torch.promote_types(step.rows.dtype, scores.dtype) != step.rows.dtype):
                     step.rows = _grow(step.rows, scores, self.n_stages)
                 step.rows[step.n_rows].copy_(scores)
                 if not step.n_rows and self.config.full_logits:
@@ -441,11 +442,13 @@ class StepRecorder:
 
 
 def _grow(rows: torch.Tensor | None, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """A `(n, B, V)` buffer for the step's score rows (more when a step brings more stages)."""
-    fresh = torch.empty((n if rows is None else rows.shape[0] + 1, *scores.shape), dtype=scores.dtype,
+    """A `(n, B, V)` buffer for the step's score rows: one more row when a step brings more
+    stages, a wider dtype when a processor returns one (earlier rows keep their values)."""
+    if rows is None:
+        return torch.empty((n, *scores.shape), dtype=scores.dtype, device=scores.device)
+    fresh = torch.empty((rows.shape[0] + 1, *scores.shape), dtype=torch.promote_types(rows.dtype, scores.dtype),
                         device=scores.device)
-    if rows is not None:
-        fresh[: rows.shape[0]].copy_(rows)
+    fresh[: rows.shape[0]].copy_(rows)
     return fresh
 
 
