@@ -78,6 +78,19 @@ def read_cache(cache: Any) -> list[LayerReading] | None:
     return [read_layer(layer) for layer in layers]
 
 
+@dataclass(frozen=True)
+class SharedReadings:
+    """One step's reading kept per group of alike layers: layer ``i`` reads ``reps[group_of[i]]``."""
+
+    reps: list[LayerReading]
+    group_of: tuple[int, ...]
+
+
+def expand(row: "list[LayerReading] | SharedReadings") -> list[LayerReading]:
+    """Per-layer readings of one step."""
+    return [row.reps[g] for g in row.group_of] if isinstance(row, SharedReadings) else row
+
+
 class CacheReader:
     """Reads one generation's cache after every step without Python work per layer.
 
@@ -95,13 +108,12 @@ class CacheReader:
         self._reps: tuple[int, ...] = ()  # one layer index per group
         self._group_of: tuple[int, ...] = ()  # per layer: its group's position in _reps
 
-    def read(self, cache: Any) -> list[LayerReading] | None:
+    def read(self, cache: Any) -> "list[LayerReading] | SharedReadings | None":
         layers = _layers(cache)
         if layers is None:
             return None
         if cache is self._cache and len(layers) == self._n:
-            reps = [read_layer(layers[i]) for i in self._reps]
-            return [reps[g] for g in self._group_of]
+            return SharedReadings([read_layer(layers[i]) for i in self._reps], self._group_of)
         readings = [read_layer(layer) for layer in layers]
         keys = [_alike_key(layer, r) for layer, r in zip(layers, readings)]
         if all(k is not None for k in keys):
@@ -114,12 +126,13 @@ class CacheReader:
             self._cache, self._n = None, -1
         return readings
 
-    def check(self, cache: Any, last: list[LayerReading] | None) -> str | None:
+    def check(self, cache: Any, last: "list[LayerReading] | SharedReadings | None") -> str | None:
         """None when a full reading of ``cache`` equals ``last`` (the derived reading of the
         final step), else why not (the trace notes it)."""
         full = read_cache(cache)
         if full is None or last is None:
             return None
+        last = expand(last)
         for i, (a, b) in enumerate(zip(full, last)):
             if (_as_int(a.seen), _as_int(a.kept), a.allocated, a.nbytes) != (_as_int(b.seen), _as_int(b.kept),
                                                                                 b.allocated, b.nbytes):
@@ -195,7 +208,7 @@ def build_timeline(
     """Stack per-step readings into a :class:`CacheTimeline` (converts device counters once)."""
     if cache is None:
         return None
-    rows = [r for r in readings if r is not None]
+    rows = [expand(r) for r in readings if r is not None]
     infos = describe_layers(cache)
     n_layers = len(infos)
     shape = (len(rows), n_layers)
