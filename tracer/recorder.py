@@ -205,12 +205,12 @@ class StepRecorder:
     def layer_output(self, index: int, output: Any) -> None:
         if self.live:
             hidden = output[0] if isinstance(output, tuple) else output
-            self.cur.layer_last[index] = hidden[:, -1].detach().clone()
+            self.cur.layer_last[index] = hidden.detach().select(1, -1).clone()  # (B, D), last position
 
     def point(self, name: str, output: Any) -> None:
         if self.live:
             hidden = output[0] if isinstance(output, tuple) else output
-            self.cur.points[name] = hidden[:, -1].detach().clone()
+            self.cur.points[name] = hidden.detach().select(1, -1).clone()
 
     def scores(self, processor: Any, scores: torch.Tensor) -> None:
         if self.cur is not None and self.broken is None:
