@@ -16,7 +16,9 @@ Reported per configuration and layer count: ms added per step, ``(min(config) - 
 new_tokens`` over the rounds (load from other processes only ever adds time, so the least
 disturbed run is the best estimate of a configuration's own cost; the median of the paired
 per-round differences is kept beside it), the ratio of those minima, and across layer counts a
-least-squares line: fixed ms per step and the slope in ms per layer per step.  Targets (issue 19), checked in the same run: light adds no more per step than HF's
+least-squares line: fixed ms per step and the slope in ms per layer per step.  On a CPU device
+with one thread the summary and targets use this process's CPU time instead of wall time (the
+same estimator): time other processes take on a shared machine is then not counted at all.  Targets (issue 19), checked in the same run: light adds no more per step than HF's
 ``output_scores``+``output_logits`` and at most 0.01 ms per layer; all-layer attention no more
 than HF's eager ``output_attentions``; modules at most 2x light.
 
@@ -31,6 +33,7 @@ import gc
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,6 +145,7 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
     """Time every (subject, configuration), interleaved across both, ``repeats`` rounds."""
     names = list(configs)
     times = {(s, c): [] for s in subjects for c in names}
+    cpu = {(s, c): [] for s in subjects for c in names}  # this process's CPU time (load-proof on CPU)
     errors: dict[tuple[str, str], str] = {}
     reference: dict[str, torch.Tensor] = {}
     identical = {(s, c): True for s in subjects for c in names}
@@ -164,7 +168,9 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
         shift = r * len(cells) // max(repeats, 1)  # rotate who goes first
         order = cells[shift:] + cells[:shift]
         for sname, c in order:
+            cpu0 = time.process_time()
             t = ov._timed(configs[c], subjects[sname], new_tokens)
+            cpu[(sname, c)].append(time.process_time() - cpu0)
             identical[(sname, c)] &= ov._check_identical(c, t.ids, reference[sname], t.trace, new_tokens)
             times[(sname, c)].append(t.seconds)
             del t
@@ -172,10 +178,12 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
     out: dict[str, Any] = {}
     for sname in subjects:
         plain = times[(sname, "plain")]
+        plain_cpu = cpu[(sname, "plain")]
         base = statistics.median(plain) if plain else None
         rows = {}
         for c in names:
             ts = times[(sname, c)]
+            cs = cpu[(sname, c)]
             med = statistics.median(ts) if ts else None
             paired = [1e3 * (a - b) / new_tokens for a, b in zip(ts, plain)] if c != "plain" else [0.0] * len(ts)
             rows[c] = {
@@ -189,6 +197,10 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
                 "added_ms_per_step_paired_median": statistics.median(paired) if paired else None,
                 "ratio": min(ts) / min(plain) if ts and plain else None,
                 "ratio_of_medians": med / base if med and base else None,
+                # CPU time of this process: on a CPU device, time other processes take is not counted
+                "cpu_s": cs,
+                "added_cpu_ms_per_step": 1e3 * (min(cs) - min(plain_cpu)) / new_tokens if cs and plain_cpu else None,
+                "cpu_ratio": min(cs) / min(plain_cpu) if cs and plain_cpu else None,
                 "identical_to_plain": identical[(sname, c)] if (sname, c) not in errors else None,
                 "error": errors.get((sname, c)),
             }
@@ -207,13 +219,15 @@ def fit(per_layers: dict[int, float | None]) -> tuple[float | None, float | None
     return float(intercept), float(slope)
 
 
-def summarise(results: dict[str, Any], layer_of: dict[str, int]) -> dict[str, Any]:
-    """Per configuration: added ms per step at each layer count, fixed part and slope; targets."""
+def summarise(results: dict[str, Any], layer_of: dict[str, int], *, cpu_time: bool = False) -> dict[str, Any]:
+    """Per configuration: added ms per step at each layer count, fixed part and slope; targets.
+    ``cpu_time``: from this process's CPU time (a CPU device on a shared machine), else wall time."""
+    measure = "cpu_" if cpu_time else ""
     names = list(next(iter(results.values()))["configs"])
     summary: dict[str, Any] = {}
     for c in names:
-        added = {layer_of[s]: results[s]["configs"][c]["added_ms_per_step"] for s in results}
-        ratio = {layer_of[s]: results[s]["configs"][c]["ratio"] for s in results}
+        added = {layer_of[s]: results[s]["configs"][c][f"added_{measure}ms_per_step"] for s in results}
+        ratio = {layer_of[s]: results[s]["configs"][c][f"{measure}ratio"] for s in results}
         fixed, slope = fit(added)
         summary[c] = {"added_ms_per_step": added, "ratio": ratio, "fixed_ms": fixed, "slope_ms_per_layer": slope}
 
@@ -234,7 +248,7 @@ def summarise(results: dict[str, Any], layer_of: dict[str, int]) -> dict[str, An
     if "hf_eager_attn" in summary:
         targets["attention <= hf_eager_attn"] = le("attention", "hf_eager_attn")
     targets["modules <= 2 x light"] = le("modules", "light", 2.0)
-    return {"configs": summary, "targets": targets}
+    return {"measure": "process CPU time" if cpu_time else "wall time", "configs": summary, "targets": targets}
 
 
 def render(summary: dict[str, Any], layers: list[int]) -> str:
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs = {k: v for k, v in configs.items() if k in keep}
     print(f"step cost: {tokens} tokens, {repeats} rounds, layers {layers}, configs {list(configs)}", flush=True)
     results = measure(subjects, configs, new_tokens=tokens, repeats=repeats, log=lambda m: print(m, flush=True))
-    summary = summarise(results, layer_of)
+    summary = summarise(results, layer_of, cpu_time=device.type == "cpu" and args.threads == 1)
     report = {
         "machine": ov.machine_info(device),
         "new_tokens": tokens,
