@@ -15,8 +15,10 @@ Touches:
 * ``AttentionInterface`` / ``masking_utils.AttentionMaskInterface`` /
   ``ALL_MASK_ATTENTION_FUNCTIONS`` (registering the recording attention function);
 * ``<modeling module>.eager_attention_forward`` (the eager kernel of a model family);
-* ``model.get_decoder().layers`` / ``.norm`` / ``.get_input_embeddings()`` (model structure:
-  the one rule that decides whether a model is supported).
+* ``model.get_decoder()`` and its ``layers``/``h``/``blocks``, final norm and
+  ``get_input_embeddings()`` (model structure: the one rule that decides whether a model is
+  supported); ``<modeling module>.ALL_ATTENTION_FUNCTIONS`` (does the family route attention
+  through the interface).
 """
 
 from __future__ import annotations
@@ -46,13 +48,15 @@ __all__ = [
     "make_processor_list",
     "mask_function",
     "registered_attention_function",
+    "routes_attention_interface",
     "register_attention",
     "transformers_version",
 ]
 
 LOGITS_PROCESSOR_METHOD = "_get_logits_processor"
 STOPPING_CRITERIA_METHOD = "_get_stopping_criteria"
-SUPPORT_RULE = "tracer needs a decoder-only causal LM whose decoder layers are `model.model.layers`"
+SUPPORT_RULE = ("tracer needs a decoder-only causal LM whose decoder (get_decoder()) holds its layers as "
+                "`layers`, `h` or `blocks` (Llama, GPT-2, GPT-NeoX, OPT, Falcon, Bloom, MPT layouts)")
 
 
 def transformers_version() -> str:
@@ -91,28 +95,64 @@ class DecoderParts:
     final_norm: torch.nn.Module | None
 
 
+#: Where transformers' decoder-only families keep their parts, in the decoder returned by
+#: ``model.get_decoder()``: ``model.layers`` (Llama and most), ``transformer.h`` (GPT-2, GPT-J,
+#: Falcon, Bloom, CodeGen, GPTBigCode), ``gpt_neox.layers``, ``model.decoder.layers`` (OPT),
+#: ``transformer.blocks`` (MPT).  The first name present wins.
+LAYER_NAMES = ("layers", "h", "blocks")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "layer_norm", "layernorm")
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention", "multi_head_attention")
+
+
+def _decoder_base(model: Any) -> Any:
+    getter = getattr(model, "get_decoder", None)
+    base = getter() if callable(getter) else None
+    if base is None:
+        base = getattr(model, "model", None)
+    # an outer module holding the decoder (OPT's ``model.decoder``)
+    if base is not None and not any(hasattr(base, n) for n in LAYER_NAMES):
+        base = getattr(base, "decoder", base)
+    return base
+
+
 def decoder_parts(model: Any) -> DecoderParts:
     """(embedding, decoder layers, final norm) of a decoder-only causal LM.
 
     The one rule deciding whether tracer supports a model (``tracer.models`` and the session
-    both use it): not encoder-decoder, and the decoder (``get_decoder()``, else ``model.model``)
-    has a non-empty ``layers`` list.  Anything else raises :class:`NotSupportedError`."""
+    both use it): not encoder-decoder; the decoder (``get_decoder()``, else ``model.model``,
+    then its ``.decoder`` if it holds the layers) has a non-empty layer list under one of
+    :data:`LAYER_NAMES`; its final norm is the first of :data:`FINAL_NORM_NAMES` (or none).
+    Anything else raises :class:`NotSupportedError`."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise NotSupportedError(f"{name} is an encoder-decoder model; tracer traces decoder-only LMs ({SUPPORT_RULE})")
-    getter = getattr(model, "get_decoder", None)
-    base = getter() if callable(getter) else getattr(model, "model", None)
+    base = _decoder_base(model)
     if base is None:
-        raise NotSupportedError(f"{name} has no `model.model` (no decoder layers found); {SUPPORT_RULE}")
-    layers = getattr(base, "layers", None)
+        raise NotSupportedError(f"{name} has no `model.model` nor get_decoder() (no decoder layers found); {SUPPORT_RULE}")
+    layers = next((getattr(base, n) for n in LAYER_NAMES if isinstance(getattr(base, n, None), torch.nn.ModuleList)),
+                  None)
     if layers is None or len(layers) == 0:
-        raise NotSupportedError(f"{name} has no `model.model.layers` (no decoder layers found); {SUPPORT_RULE}")
-    return DecoderParts(base.get_input_embeddings(), layers, getattr(base, "norm", None))
+        raise NotSupportedError(f"{name} has no decoder layers ({'/'.join(LAYER_NAMES)} of its decoder); {SUPPORT_RULE}")
+    norm = next((getattr(base, n) for n in FINAL_NORM_NAMES if isinstance(getattr(base, n, None), torch.nn.Module)),
+                None)
+    return DecoderParts(base.get_input_embeddings(), layers, norm)
 
 
 def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
-    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    """The self-attention module of a decoder layer (first of :data:`ATTENTION_NAMES`)."""
+    for n in ATTENTION_NAMES:
+        module = getattr(layer, n, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+def routes_attention_interface(module: torch.nn.Module) -> bool:
+    """Whether the attention module's modeling file dispatches through transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (the ``AttentionInterface``) — the tracer's attention hook.
+    Families that do not (Bloom, MPT, GPT-Neo, ...) trace, but their attention is not recorded."""
+    return hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
 def head_counts(config: Any) -> tuple[int, int, int]:

@@ -70,7 +70,12 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
         for i in att_layers:
             module = hf.attention_module(parts.layers[i])
             if module is None:
-                raise NotSupportedError(f"decoder layer {i} has no self_attn module to record")
+                raise NotSupportedError(f"decoder layer {i} has no self-attention module to record")
+            if not hf.routes_attention_interface(module):
+                raise NotSupportedError(
+                    f"{type(model).__name__}'s attention ({type(module).__name__}) does not go through "
+                    "transformers' AttentionInterface, so tracer cannot record it; trace without attention=True"
+                )
             modules[i] = module
         attention = AttentionRecorder(
             modules,
