@@ -11,6 +11,9 @@ Touches:
   instance while tracing: the lists ``generate`` builds are swapped for recording subclasses);
 * ``GenerationMixin._valid_auto_compile_criteria`` (would generate compile the decoding step?);
 * ``GenerationConfig.get_generation_mode`` + ``GenerationMode`` (greedy / sample only);
+* ``GenerationMixin._get_top_k_continuations`` / ``_get_running_beams_for_next_iteration`` /
+  ``_update_finished_beams`` (wrapped on the instance while tracing a beam search, read only:
+  :data:`BEAM_METHODS`, ``tracer.beam``);
 * ``PretrainedConfig._attn_implementation`` (the active attention implementation's name);
 * ``AttentionInterface`` / ``masking_utils.AttentionMaskInterface`` /
   ``ALL_MASK_ATTENTION_FUNCTIONS`` (registering the recording attention function);
@@ -18,7 +21,9 @@ Touches:
 * ``model.get_decoder()`` and its ``layers``/``h``/``blocks``, final norm and
   ``get_input_embeddings()`` (model structure: the one rule that decides whether a model is
   supported); ``<modeling module>.ALL_ATTENTION_FUNCTIONS`` (does the family route attention
-  through the interface).
+  through the interface);
+* the mixture-of-experts router of a decoder layer (``mlp.gate`` / ``block_sparse_moe.gate`` /
+  ``mlp.router``: a ``*TopKRouter`` returning ``(router_logits, router_scores, router_indices)``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from .errors import NotSupportedError
 __all__ = [
     "LOGITS_PROCESSOR_METHOD",
     "STOPPING_CRITERIA_METHOD",
+    "BEAM_METHODS",
     "DecoderParts",
+    "beam_search_requested",
     "attention_module",
     "auto_compiles",
     "attn_implementation",
@@ -49,6 +56,8 @@ __all__ = [
     "mask_function",
     "registered_attention_function",
     "routes_attention_interface",
+    "router_modules",
+    "router_output",
     "register_attention",
     "transformers_version",
 ]
@@ -155,6 +164,42 @@ def routes_attention_interface(module: torch.nn.Module) -> bool:
     return hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
+#: Where MoE decoder layers keep their router (Mixtral ``block_sparse_moe.gate`` in older
+#: releases, ``mlp.gate`` for Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, ``mlp.router`` for gpt-oss).
+ROUTER_PATHS = ("mlp.gate", "block_sparse_moe.gate", "mlp.router")
+
+
+def router_modules(layers: Any) -> dict[int, torch.nn.Module]:
+    """layer index -> the layer's top-k router module (only the layers that have one).
+
+    A router is a module at one of :data:`ROUTER_PATHS` whose class name ends in ``Router``
+    (transformers 5's ``*TopKRouter``: it returns ``(router_logits, router_scores,
+    router_indices)`` over the flattened tokens)."""
+    out = {}
+    for i, layer in enumerate(layers):
+        for path in ROUTER_PATHS:
+            module = layer
+            for part in path.split("."):
+                module = getattr(module, part, None)
+            if isinstance(module, torch.nn.Module) and type(module).__name__.endswith("Router"):
+                out[i] = module
+                break
+    return out
+
+
+def router_output(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(selected experts `(N, k)`, their routing weights `(N, k)`) from a router's output, or
+    None when it is not the ``(logits (N, E), scores (N, k), indices (N, k))`` triple."""
+    if not (isinstance(output, tuple) and len(output) == 3):
+        return None
+    logits, scores, indices = output
+    if not all(isinstance(t, torch.Tensor) for t in output) or indices.dtype.is_floating_point:
+        return None
+    if scores.shape != indices.shape or logits.shape[:-1] != indices.shape[:-1]:
+        return None
+    return indices, scores
+
+
 def head_counts(config: Any) -> tuple[int, int, int]:
     """(query heads, KV heads, head dim) from a model config."""
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
@@ -179,6 +224,18 @@ def generation_mode_supported(generation_config: Any) -> str | None:
 
     mode = generation_config.get_generation_mode()
     return None if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) else str(mode.value)
+
+
+#: The beam-search steps of ``GenerationMixin._beam_search`` that ``tracer.beam`` wraps (in order
+#: of a step): K continuations kept, the running beams chosen among them, the finished set updated.
+BEAM_METHODS = ("_get_top_k_continuations", "_get_running_beams_for_next_iteration", "_update_finished_beams")
+
+
+def beam_search_requested(model: Any, kwargs: dict) -> bool:
+    """Whether ``model.generate(**kwargs)`` will run beam search (``num_beams > 1``)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+    return int(beams or 1) > 1
 
 
 def auto_compiles(model: Any, model_kwargs: dict | None, generation_config: Any) -> bool:

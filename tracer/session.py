@@ -76,6 +76,7 @@ class TraceSession:
         self.tokenizer = tokenizer
         self.config = record or RecordConfig()
         self.traces: list[Trace] = []
+        self.beam_traces: list[Any] = []  # tracer.beam_records.BeamTrace, one per beam-search generate
         self.pending_prompts: list[str] | None = None  # prompt texts of the next generate (trace_generate)
         self.plan: ModelPlan
         self.plan, self._parts = build_plan(model, self.config)
@@ -90,6 +91,13 @@ class TraceSession:
         if not self.traces:
             raise TracerError("nothing was traced: call model.generate(...) inside the `with tracer.trace(...)` block")
         return self.traces[-1]
+
+    @property
+    def beam(self) -> Any:
+        """The last recorded beam search (:class:`tracer.beam_records.BeamTrace`)."""
+        if not self.beam_traces:
+            raise TracerError("no beam search was traced: call model.generate(..., num_beams=N) inside the block")
+        return self.beam_traces[-1]
 
     @property
     def attention(self) -> "_attention.AttentionRecorder | None":
@@ -137,6 +145,8 @@ class TraceSession:
             self._handles.append(parts.embedding.register_forward_hook(self._point_hook("embed")))
             if parts.final_norm is not None:
                 self._handles.append(parts.final_norm.register_forward_hook(self._point_hook("norm")))
+        if plan.routing is not None:
+            self._handles.extend(plan.routing.install())
         if plan.attention is not None:
             self._patched["__attn__"] = plan.attn_implementation  # before install: undone even if it fails
             _attention.install(model, plan.attention)
@@ -189,6 +199,10 @@ class TraceSession:
                     raise NotSupportedError(f"tracer does not support {key}= (assisted/custom decoding) yet")
             if self._recorder is not None:
                 raise NotSupportedError("nested generate calls inside one trace are not supported")
+            if hf.beam_search_requested(self.model, kwargs):  # recorded by tracer.beam (session.beam)
+                from . import beam as _beam
+
+                return _beam.generate(self, original, args, kwargs)
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if input_ids is not None and not isinstance(input_ids, torch.Tensor):
                 input_ids = None
