@@ -18,9 +18,7 @@ import threading
 from typing import Any
 
 import numpy as np
-import torch
 
-from . import _hf_compat as hf
 from .blobs import blob_key, parse_blob_key
 
 __all__ = ["RoutingRecorder", "routing_layers", "routing", "expert_load", "token_layer_map", "routing_bytes"]
@@ -31,13 +29,13 @@ EXPERTS, WEIGHTS = "router_experts", "router_weights"
 class RoutingRecorder:
     """Forward hooks on the routers of the MoE layers; keeps the current step's selections."""
 
-    def __init__(self, modules: dict[int, torch.nn.Module], top_k: int):
+    def __init__(self, modules: dict[int, Any], top_k: int):
         self.modules = modules  # layer index -> router module
         self.top_k = top_k
         self.enabled = False
         self.thread: int | None = None
         self.step = -1
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: dict[int, tuple[Any, Any]] = {}  # layer -> (indices, scores) tensors
         self.error: Exception | None = None
 
     def install(self) -> list[Any]:
@@ -45,6 +43,10 @@ class RoutingRecorder:
         return [m.register_forward_hook(self._hook(i)) for i, m in self.modules.items()]
 
     def _hook(self, layer: int):
+        import torch
+
+        from . import _hf_compat as hf
+
         def hook(module, args, output):
             if not self.enabled or threading.get_ident() != self.thread or self.error is not None:
                 return None
@@ -67,7 +69,7 @@ class RoutingRecorder:
         self.step = step
         self.rows = {}
 
-    def collect(self, batch: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def collect(self, batch: int) -> dict[int, tuple[Any, Any]]:
         """layer -> (experts `(B, Q, k)` int16, weights `(B, Q, k)` float32) of the step."""
         if self.error is not None:
             raise self.error
