@@ -14,6 +14,8 @@ Touches:
 * ``GenerationMixin._get_top_k_continuations`` / ``_get_running_beams_for_next_iteration`` /
   ``_update_finished_beams`` (wrapped on the instance while tracing a beam search, read only:
   :data:`BEAM_METHODS`, ``tracer.beam``);
+* ``GenerationMixin._get_candidate_generator`` and the returned generator's ``get_candidates`` /
+  ``update_candidate_strategy`` (assisted decoding, read only: ``tracer.assisted``);
 * ``PretrainedConfig._attn_implementation`` (the active attention implementation's name);
 * ``AttentionInterface`` / ``masking_utils.AttentionMaskInterface`` /
   ``ALL_MASK_ATTENTION_FUNCTIONS`` (registering the recording attention function);
@@ -41,6 +43,7 @@ __all__ = [
     "LOGITS_PROCESSOR_METHOD",
     "STOPPING_CRITERIA_METHOD",
     "BEAM_METHODS",
+    "CANDIDATE_GENERATOR_METHOD",
     "DecoderParts",
     "beam_search_requested",
     "attention_module",
@@ -229,6 +232,10 @@ def generation_mode_supported(generation_config: Any) -> str | None:
 #: The beam-search steps of ``GenerationMixin._beam_search`` that ``tracer.beam`` wraps (in order
 #: of a step): K continuations kept, the running beams chosen among them, the finished set updated.
 BEAM_METHODS = ("_get_top_k_continuations", "_get_running_beams_for_next_iteration", "_update_finished_beams")
+
+
+#: The factory of assisted decoding's candidate generator (``tracer.assisted`` wraps it).
+CANDIDATE_GENERATOR_METHOD = "_get_candidate_generator"
 
 
 def beam_search_requested(model: Any, kwargs: dict) -> bool:

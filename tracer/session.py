@@ -77,6 +77,7 @@ class TraceSession:
         self.config = record or RecordConfig()
         self.traces: list[Trace] = []
         self.beam_traces: list[Any] = []  # tracer.beam_records.BeamTrace, one per beam-search generate
+        self.assisted_traces: list[Any] = []  # tracer.assisted_records.AssistedTrace, one per assisted generate
         self.pending_prompts: list[str] | None = None  # prompt texts of the next generate (trace_generate)
         self.plan: ModelPlan
         self.plan, self._parts = build_plan(model, self.config)
@@ -98,6 +99,14 @@ class TraceSession:
         if not self.beam_traces:
             raise TracerError("no beam search was traced: call model.generate(..., num_beams=N) inside the block")
         return self.beam_traces[-1]
+
+    @property
+    def assisted(self) -> Any:
+        """The last recorded assisted/speculative decoding (:class:`tracer.assisted_records.AssistedTrace`)."""
+        if not self.assisted_traces:
+            raise TracerError("no assisted decoding was traced: call model.generate(..., assistant_model=... or "
+                              "prompt_lookup_num_tokens=...) inside the block")
+        return self.assisted_traces[-1]
 
     @property
     def attention(self) -> "_attention.AttentionRecorder | None":
@@ -194,6 +203,10 @@ class TraceSession:
                     "tracer.trace(...) is recording this model in another thread; refused so that it is not "
                     "mixed into that trace. Generate from the thread that opened the block, or after it closes."
                 )
+            from . import assisted as _assisted
+
+            if _assisted.requested(kwargs) and self._recorder is None:  # recorded by tracer.assisted
+                return _assisted.generate(self, original, args, kwargs)
             for key in _UNSUPPORTED_KWARGS:
                 if kwargs.get(key) is not None:
                     raise NotSupportedError(f"tracer does not support {key}= (assisted/custom decoding) yet")
