@@ -127,3 +127,29 @@ def test_refusals(models):
         with pytest.raises(NotSupportedError, match="assistant_early_exit"):
             target.generate(input_ids=PROMPT, assistant_early_exit=1, prompt_lookup_num_tokens=2, max_new_tokens=2)
     assert t.assisted_traces == []
+
+
+@pytest.mark.slow
+def test_embedded_prompt_lookup(embedded):
+    """The real model verifying n-gram drafts from its own prompt: identical output, acceptance
+    checked against a separate full forward."""
+    model, tok = embedded
+    text = "Repeat exactly: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
+    _, encoded, kw = tracer.prepare_generate(model, tok, text, max_new_tokens=24, do_sample=False)
+    kw["prompt_lookup_num_tokens"] = 4
+    ref = model.generate(**encoded, **kw)
+    with tracer.trace(model, tok) as t:
+        out = model.generate(**encoded, **kw)
+    assert torch.equal(out, ref)
+    at = t.assisted
+    assert at.accepted_total > 0 and at.tokens_per_round > 1.0
+    with torch.no_grad():
+        probs = model(input_ids=out).logits[0].float().softmax(-1)
+    for r in at.rounds:
+        for i, tok_id in enumerate(r.drafted):
+            row = probs[r.cur_len - 1 + i]
+            if i < r.accepted:
+                assert int(row.argmax()) == tok_id
+            elif len(r.appended) > i:
+                assert int(row.argmax()) == r.appended[i] != tok_id
+                break

@@ -146,3 +146,28 @@ def test_beam_helpers_of_this_transformers():
     for name, params in need.items():
         fn = getattr(GenerationMixin, name, None)
         assert fn is not None and params <= set(inspect.signature(fn).parameters), name
+
+
+@pytest.mark.slow
+def test_embedded_beam_search(embedded):
+    """The real model: beam search with 2 prompts, eos, length penalty; traced == untraced and the
+    ranking matches sequences_scores / beam_indices."""
+    model, tok = embedded
+    texts, encoded, kw = tracer.prepare_generate(model, tok, ["What is the capital of France?", "Name a colour."],
+                                                 max_new_tokens=12)
+    kw.update(num_beams=4, num_return_sequences=2, length_penalty=1.2, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    ref = model.generate(**encoded, **kw)
+    with tracer.trace(model, tok) as t:
+        out = model.generate(**encoded, **kw)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.sequences_scores, ref.sequences_scores)
+    bt, p = t.beam, encoded["input_ids"].shape[1]
+    for b in range(2):
+        returned = [h for h in bt.ranking(b) if h.returned]
+        for r, h in enumerate(returned):
+            row = b * 2 + r
+            assert h.score == pytest.approx(float(out.sequences_scores[row]), abs=1e-5)
+            assert out.sequences[row, p:p + len(h.tokens)].tolist() == list(h.tokens)
+            assert out.beam_indices[row, :len(h.tokens)].tolist() == [b * 4 + x for x in h.beams]
+    assert "Paris" in "".join(bt.text(x) for x in bt.ranking(0)[0].tokens)
+    assert "<svg" in beam_tree_svg(bt, 0)

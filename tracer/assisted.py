@@ -149,6 +149,7 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
         status = f"error: {type(exc).__name__}: {exc}"
         raise
     finally:
+        session.pending_prompts = None
         if previous is None:
             model.__dict__.pop(name, None)
         else:

@@ -134,6 +134,7 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
         status = f"error: {type(exc).__name__}: {exc}"
         raise
     finally:
+        session.pending_prompts = None
         for name, previous in saved.items():
             if previous is None:
                 model.__dict__.pop(name, None)

@@ -317,7 +317,9 @@ def trace_generate(
     system: str | None = None,
     **generate_kwargs: Any,
 ) -> Trace:
-    """Tokenize ``prompt`` (text, chat messages, or a list of either), generate, return the Trace.
+    """Tokenize ``prompt`` (text, chat messages, or a list of either), generate, return the Trace
+    (a :class:`~tracer.beam_records.BeamTrace` for ``num_beams > 1``, an
+    :class:`~tracer.assisted_records.AssistedTrace` for ``assistant_model=`` / ``prompt_lookup_num_tokens=``).
 
     Inputs and defaults are :func:`prepare_generate`'s, so an untraced run made from the same
     preparation generates exactly the same tokens."""
@@ -325,6 +327,10 @@ def trace_generate(
     with trace(model, tokenizer, record=record) as session:
         session.pending_prompts = texts
         model.generate(**encoded, **kwargs)
+    if session.beam_traces:  # beam search / assisted decoding have their own records
+        return session.beam  # type: ignore[no-any-return]
+    if session.assisted_traces:
+        return session.assisted  # type: ignore[no-any-return]
     return session.trace
 
 
