@@ -3,15 +3,12 @@ against transformers' own ``output_scores`` / ``sequences_scores`` / ``beam_indi
 
 from __future__ import annotations
 
-import inspect
 
 import numpy as np
 import pytest
 import torch
-from transformers import GenerationMixin
 
 import tracer
-from tracer import _hf_compat as hf
 from tracer.beam_records import EMPTY_SCORE, BeamTrace
 from tracer.viz.beam import beam_report_html, beam_tree, beam_tree_svg, beam_tree_text
 
@@ -129,23 +126,6 @@ def test_greedy_still_recorded_by_the_step_recorder(model):
         model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=1)
     assert t.trace.num_steps == 3 and t.beam_traces == []
 
-
-def test_beam_helpers_of_this_transformers():
-    """The three beam-search helpers tracer wraps, with the arguments it reads."""
-    need = {
-        "_get_top_k_continuations": {"accumulated_log_probs", "cur_len", "decoder_prompt_len", "num_beams",
-                                     "batch_size", "do_sample"},
-        "_get_running_beams_for_next_iteration": {"topk_log_probs", "next_token_hits_stopping_criteria",
-                                                  "num_beams"},
-        "_update_finished_beams": {"beam_scores", "topk_log_probs", "is_early_stop_heuristic_unsatisfied",
-                                   "is_sent_finished", "next_token_hits_stopping_criteria", "top_num_beam_mask",
-                                   "num_beams", "cur_len", "decoder_prompt_len", "length_penalty",
-                                   "early_stopping"},
-    }
-    assert tuple(need) == hf.BEAM_METHODS
-    for name, params in need.items():
-        fn = getattr(GenerationMixin, name, None)
-        assert fn is not None and params <= set(inspect.signature(fn).parameters), name
 
 
 @pytest.mark.slow
