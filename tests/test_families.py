@@ -51,12 +51,40 @@ ATTENTION_FAMILIES = {
     "codegen": {"rotary_dim": 8},
     "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
     "gpt_bigcode": {"multi_query": True},
+    "biogpt": {},
     "qwen2_moe": {**GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                   "shared_expert_intermediate_size": 32},
     "qwen3_moe": {**GQA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
     "mixtral": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
     "olmoe": {**GQA, "num_experts": 4, "num_experts_per_tok": 2},
     "gpt_oss": {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 4},
+    # more model.layers families (GQA 4/2, the family's own defaults otherwise)
+    "smollm3": GQA,
+    "glm": GQA,
+    "glm4": GQA,
+    "exaone4": GQA,
+    "nemotron": GQA,
+    "seed_oss": GQA,
+    "arcee": GQA,
+    "apertus": GQA,
+    "ernie4_5": GQA,
+    "ernie4_5_moe": GQA,
+    "bitnet": GQA,
+    "granitemoe": GQA,
+    "jetmoe": GQA,
+    "phimoe": GQA,
+    "olmo3": GQA,
+    "doge": GQA,
+    "cohere2": GQA,
+    "vaultgemma": GQA,
+    "mellum": GQA,
+    "nanochat": GQA,
+    "glm4_moe": GQA,
+    "afmoe": GQA,
+    "granitemoeshared": GQA,
+    "flex_olmo": GQA,
+    "ministral3": GQA,
+    "solar_open": GQA,
 }
 #: layouts tracer finds whose attention is not routed through AttentionInterface
 OTHER_ATTENTION = {"bloom": {}, "mpt": {"n_heads": 4, "d_model": 64, "n_layers": 2}, "xglm": {"ffn_dim": 128}}
@@ -180,3 +208,18 @@ def test_loader_accepts_the_matrix():
     """``tracer.load_model`` accepts exactly the families this matrix checks (plus SmolLM3)."""
     from tracer import models
     assert models.SUPPORTED_MODEL_TYPES == set(ATTENTION_FAMILIES) | {"smollm3"}
+
+
+def test_hybrid_linear_attention_layers_refused_for_attention():
+    """MiniMax mixes softmax and linear-attention layers: attention=True names the layers it cannot
+    record and the ones it can; recording only those traces identically and fills every map."""
+    model = make_family("minimax", {**GQA, "layer_types": ["full_attention", "linear_attention"]})
+    with pytest.raises(NotSupportedError, match=r"layers \[1\] are linear_attention .* among \[0\]"):
+        tracer.trace(model, record=RecordConfig(attention=True))
+    inputs = _inputs()
+    kw = {"do_sample": False, "max_new_tokens": 3, "pad_token_id": 0}
+    ref = model.generate(**inputs, **kw)
+    with tracer.trace(model, record=RecordConfig(attention=True, attention_layers=[0])) as t:
+        out = model.generate(**inputs, **kw)
+    assert torch.equal(out, ref)
+    assert [t.trace.attention(s, 0).shape[0] for s in range(3)] == [2, 2, 2]

@@ -59,6 +59,7 @@ __all__ = [
     "mask_function",
     "registered_attention_function",
     "routes_attention_interface",
+    "non_softmax_layers",
     "router_modules",
     "router_output",
     "register_attention",
@@ -158,6 +159,18 @@ def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
         if isinstance(module, torch.nn.Module):
             return module
     return None
+
+
+#: ``config.layer_types`` values of layers whose attention is softmax attention (recordable)
+SOFTMAX_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+
+
+def non_softmax_layers(config: Any, layers: Any) -> dict[int, str]:
+    """``{layer: kind}`` of the given layers that hybrid models (MiniMax, Qwen3-Next, Jamba, ...)
+    mark in ``config.layer_types`` as something other than softmax attention (linear attention,
+    mamba, ...): there is no attention map to record there."""
+    kinds = getattr(config, "layer_types", None) or []
+    return {i: str(kinds[i]) for i in layers if i < len(kinds) and kinds[i] not in SOFTMAX_LAYER_TYPES}
 
 
 def routes_attention_interface(module: torch.nn.Module) -> bool:

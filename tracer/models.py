@@ -57,7 +57,10 @@ SUPPORTED_MODEL_TYPES = frozenset(
         "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo",
         "olmo2", "granite", "cohere", "stablelm", "starcoder2", "helium", "persimmon", "phi", "gpt2",
         "gpt_neox", "opt", "gptj", "codegen", "falcon", "gpt_bigcode", "biogpt", "qwen2_moe", "qwen3_moe",
-        "mixtral", "olmoe", "gpt_oss",
+        "mixtral", "olmoe", "gpt_oss", "glm", "glm4", "exaone4", "nemotron", "seed_oss", "arcee", "apertus",
+        "ernie4_5", "ernie4_5_moe", "bitnet", "granitemoe", "jetmoe", "phimoe", "olmo3", "doge", "cohere2",
+        "vaultgemma", "mellum", "nanochat", "glm4_moe", "afmoe", "granitemoeshared", "flex_olmo", "ministral3",
+        "solar_open",
     }
 )
 #: Model types whose layout tracer finds but whose attention does not go through the

@@ -67,6 +67,13 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
     att_layers = resolve(config.attention_layers, n_layers, "layer") if config.attention else []
     att_heads = resolve(config.attention_heads, heads, "head") if config.attention else []
     if config.attention:
+        odd = hf.non_softmax_layers(model.config, att_layers)
+        if odd:
+            ok = [i for i in range(n_layers) if not hf.non_softmax_layers(model.config, [i])]
+            raise NotSupportedError(
+                f"{type(model).__name__} layers {sorted(odd)} are {', '.join(sorted(set(odd.values())))} layers with no "
+                f"attention map to record; choose attention_layers among {ok}"
+            )
         modules = {}
         for i in att_layers:
             module = hf.attention_module(parts.layers[i])
