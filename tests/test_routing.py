@@ -109,3 +109,57 @@ def test_routing_views(tmp_path):
     with tracer.trace(dense) as t2:
         dense.generate(**_inputs(), do_sample=False, max_new_tokens=2, pad_token_id=0)
     assert "MoE routing" not in t2.trace.to_html()
+
+
+#: more MoE families (their own default expert counts): recorded == the router module's own
+#: output recomputed afterwards from the inputs it received
+MORE_MOE = ["qwen2_moe", "ernie4_5_moe", "phimoe", "glm4_moe", "afmoe", "flex_olmo", "minimax", "granitemoe",
+            "granitemoeshared"]
+
+
+@pytest.mark.parametrize("model_type", MORE_MOE)
+def test_routing_other_moe_families(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_families import BASE
+    from tracer import _hf_compat as hf
+
+    config = AutoConfig.for_model(model_type, **{**BASE, "num_key_value_heads": 2,
+                                                 **ATTENTION_FAMILIES.get(model_type, {})})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    routers = hf.router_modules(hf.decoder_parts(model).layers)
+    assert routers, model_type
+    inputs = _inputs()
+    kw = {"do_sample": False, "max_new_tokens": 3, "pad_token_id": 0, "eos_token_id": None}
+    ref = model.generate(**inputs, **kw)
+    seen = {i: [] for i in routers}
+    handles = [m.register_forward_pre_hook(
+        lambda m, a, kw, i=i: seen[i].append(([x.detach().clone() for x in a], dict(kw))), with_kwargs=True)
+        for i, m in routers.items()]
+    try:
+        with tracer.trace(model, record=RecordConfig(routing=True)) as t:
+            out = model.generate(**inputs, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(out, ref), model_type
+    trace = t.trace
+    assert rt.routing_layers(trace) == sorted(routers)
+    for layer, router in routers.items():
+        for step in range(trace.num_steps):
+            with torch.no_grad():
+                args, kwargs = seen[layer][step]
+                _, scores, idx = router(*args, **kwargs)
+            e, w = rt.routing(trace, step, layer)
+            k = idx.shape[-1]
+            assert e.shape == (2, 6 if step == 0 else 1, k)
+            np.testing.assert_array_equal(e.reshape(-1, k), idx.numpy())
+            np.testing.assert_allclose(w.reshape(-1, k), scores.float().numpy(), atol=1e-6)
+
+
+def test_routing_refused_where_the_router_is_not_the_top_k_triple():
+    """JetMoE's gating returns grouped tokens, not (logits, scores, indices): not a router here."""
+    model = make_family("jetmoe", {"num_key_value_heads": 2})
+    with pytest.raises(NotSupportedError, match="no mixture-of-experts router"):
+        tracer.trace(model, record=RecordConfig(routing=True))

@@ -181,8 +181,9 @@ def routes_attention_interface(module: torch.nn.Module) -> bool:
 
 
 #: Where MoE decoder layers keep their router (Mixtral ``block_sparse_moe.gate`` in older
-#: releases, ``mlp.gate`` for Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, ``mlp.router`` for gpt-oss).
-ROUTER_PATHS = ("mlp.gate", "block_sparse_moe.gate", "mlp.router")
+#: releases, ``mlp.gate`` for Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE/FlexOlmo/MiniMax/ERNIE-4.5-MoE/
+#: GLM-4-MoE, ``mlp.router`` for gpt-oss/PhiMoE/AFMoE, ``block_sparse_moe.router`` for GraniteMoE).
+ROUTER_PATHS = ("mlp.gate", "block_sparse_moe.gate", "mlp.router", "block_sparse_moe.router")
 
 
 def router_modules(layers: Any) -> dict[int, torch.nn.Module]:
