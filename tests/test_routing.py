@@ -163,3 +163,20 @@ def test_routing_refused_where_the_router_is_not_the_top_k_triple():
     model = make_family("jetmoe", {"num_key_value_heads": 2})
     with pytest.raises(NotSupportedError, match="no mixture-of-experts router"):
         tracer.trace(model, record=RecordConfig(routing=True))
+
+
+def test_routing_stops_recording_not_generation_on_an_unknown_router_output(monkeypatch):
+    """A router whose output is not the (logits, scores, indices) triple: recording stops with a
+    TracerWarning naming the layer; the generation is unchanged."""
+    from tracer import _hf_compat as hf
+    from tracer.errors import TracerWarning
+
+    model = make_family("mixtral", ATTENTION_FAMILIES["mixtral"])
+    kw = {"do_sample": False, "max_new_tokens": 3, "pad_token_id": 0, "eos_token_id": None}
+    ref = model.generate(**_inputs(), **kw)
+    monkeypatch.setattr(hf, "router_output", lambda output: None)
+    with pytest.warns(TracerWarning, match=r"recording stopped at step 0: RuntimeError: the router of layer 0"):
+        with tracer.trace(model, record=RecordConfig(routing=True)) as t:
+            out = model.generate(**_inputs(), **kw)
+    assert torch.equal(out, ref)
+    assert t.trace.meta.status != "complete" or t.trace.meta.notes
