@@ -151,3 +151,14 @@ def test_embedded_beam_search(embedded):
             assert out.beam_indices[row, :len(h.tokens)].tolist() == [b * 4 + x for x in h.beams]
     assert "Paris" in "".join(bt.text(x) for x in bt.ranking(0)[0].tokens)
     assert "<svg" in beam_tree_svg(bt, 0)
+
+
+def test_per_step_extras_refused_in_beam_and_assisted_modes(model):
+    inputs = make_inputs(batch=1, seq=P)
+    for record in (tracer.RecordConfig(attention=True), tracer.RecordConfig(hidden_layers=[0])):
+        with tracer.trace(model, record=record) as t:
+            with pytest.raises(tracer.NotSupportedError, match="cannot be recorded in this mode"):
+                model.generate(**inputs, num_beams=2, max_new_tokens=2, pad_token_id=0)
+            with pytest.raises(tracer.NotSupportedError, match="cannot be recorded in this mode"):
+                model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=2, pad_token_id=0)
+        assert t.beam_traces == [] and t.assisted_traces == [] and t.traces == []

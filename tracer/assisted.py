@@ -134,6 +134,9 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
     for key in ("assistant_tokenizer", "assistant_early_exit"):
         if kwargs.get(key) is not None:
             raise NotSupportedError(f"tracer does not record {key}= (assisted decoding across tokenizers / early exit)")
+    from .beam import refuse_step_records
+
+    refuse_step_records(session.config, "assisted decoding")
     model = session.model
     if kwargs.get("assistant_model") is model:
         raise NotSupportedError("assistant_model is the traced model itself; pass a separate draft model "

@@ -22,9 +22,24 @@ import torch
 
 from . import _hf_compat as hf
 from .beam_records import BeamStep, BeamTrace
-from .errors import TracerWarning
+from .errors import NotSupportedError, TracerWarning
 
-__all__ = ["BeamRecorder", "generate"]
+__all__ = ["BeamRecorder", "generate", "refuse_step_records"]
+
+_STEP_FLAGS = ("full_logits", "modules", "logit_lens", "attention", "routing")
+_STEP_SELECTIONS = ("hidden_layers", "kv_layers")
+
+
+def refuse_step_records(config: Any, mode: str) -> None:
+    """Beam search and assisted decoding keep their own records, not the per-step ``Trace``:
+    refuse (before generating) a ``RecordConfig`` asking for per-step extras they would not record."""
+    asked = [n for n in _STEP_FLAGS if getattr(config, n, False)]
+    asked += [n for n in _STEP_SELECTIONS if getattr(config, n, None)]
+    if asked:
+        raise NotSupportedError(
+            f"{mode} is recorded as its own trace (candidates, acceptance), without per-step records: "
+            f"RecordConfig({', '.join(asked)}) cannot be recorded in this mode; trace greedy/sampling for those"
+        )
 
 
 def _np(t: torch.Tensor, dtype: Any = None) -> np.ndarray:
@@ -122,6 +137,7 @@ class BeamRecorder:
 def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
     """Run ``original(*args, **kwargs)`` (a beam search) with the beam helpers wrapped; the
     :class:`BeamTrace` goes to ``session.beam_traces``."""
+    refuse_step_records(session.config, "beam search")
     model = session.model
     recorder = BeamRecorder(top_c=max(int(session.config.top_k), 1))
     saved = {name: model.__dict__.get(name) for name in hf.BEAM_METHODS}
