@@ -180,3 +180,18 @@ def test_routing_stops_recording_not_generation_on_an_unknown_router_output(monk
             out = model.generate(**_inputs(), **kw)
     assert torch.equal(out, ref)
     assert t.trace.meta.status != "complete" or t.trace.meta.notes
+
+
+def test_show_has_a_routing_tab():
+    pytest.importorskip("ipywidgets")
+    from tracer.viz import show
+
+    model = make_family("olmoe", ATTENTION_FAMILIES["olmoe"])
+    with tracer.trace(model, record=RecordConfig(routing=True)) as t:
+        model.generate(**_inputs(), do_sample=False, max_new_tokens=2, pad_token_id=0)
+    tab = show(t.trace, seq=1)
+    titles = [tab.get_title(i) for i in range(len(tab.children))]
+    assert titles[-1] == "routing"
+    box = tab.children[-1]
+    assert len(box.children[0].children) == 2 and "<h" not in box.children[1].value[:3]
+    assert "e0" in box.children[1].value
