@@ -195,3 +195,16 @@ def test_show_has_a_routing_tab():
     box = tab.children[-1]
     assert len(box.children[0].children) == 2 and "<h" not in box.children[1].value[:3]
     assert "e0" in box.children[1].value
+
+
+def test_routing_counts_in_the_memory_budget():
+    """The estimate before generating includes the routing blobs (6 bytes x k per token and MoE layer)."""
+    from tracer.errors import MemoryBudgetError
+    from tracer.routing import routing_bytes
+
+    model = make_family("mixtral", ATTENTION_FAMILIES["mixtral"])
+    assert routing_bytes(2, 2, 2, 6, 4) == 2 * (6 + 3) * 2 * 2 * 6
+    with tracer.trace(model, record=RecordConfig(routing=True, max_bytes=4096)) as t:
+        with pytest.raises(MemoryBudgetError, match=r"routing 0\.\d MiB"):
+            model.generate(**_inputs(), do_sample=False, max_new_tokens=200, pad_token_id=0)
+    assert t.traces == []
