@@ -208,3 +208,21 @@ def test_routing_counts_in_the_memory_budget():
         with pytest.raises(MemoryBudgetError, match=r"routing 0\.\d MiB"):
             model.generate(**_inputs(), do_sample=False, max_new_tokens=200, pad_token_id=0)
     assert t.traces == []
+
+
+def test_routing_blobs_of_the_wrong_shape_are_a_format_error(tmp_path):
+    """A hand-edited trace file: the reader says what is wrong; the report notes it, never crashes."""
+    from tracer.blobs import MemoryStore
+    from tracer.errors import TraceFormatError
+
+    model = make_family("mixtral", ATTENTION_FAMILIES["mixtral"])
+    with tracer.trace(model, record=RecordConfig(routing=True)) as t:
+        model.generate(**_inputs(), do_sample=False, max_new_tokens=2, pad_token_id=0)
+    trace = t.trace
+    data = {k: trace.blobs.get(k) for k in trace.blobs.keys()}
+    data["router_weights/1/0"] = np.zeros((2, 1, 3), np.float32)
+    trace.blobs = MemoryStore(data)
+    with pytest.raises(TraceFormatError, match="router_experts/1/0"):
+        rt.routing(trace, 1, 0)
+    html = trace.to_html()
+    assert "<h2>MoE routing</h2><p class='note'>not shown: " in html

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .blobs import blob_key, parse_blob_key
+from .errors import TraceFormatError
 
 __all__ = ["RoutingRecorder", "routing_layers", "routing", "expert_load", "token_layer_map", "routing_bytes"]
 
@@ -110,9 +111,16 @@ def routing_layers(trace: Any) -> list[int]:
 def routing(trace: Any, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """(experts `(B, Q, k)` int, weights `(B, Q, k)` float32) of the tokens fed at ``step``
     in ``layer`` (``Q`` = prompt length at step 0, then 1)."""
-    experts = np.asarray(trace.blobs.get(blob_key(EXPERTS, step, layer))).astype(np.int64)
-    weights = np.asarray(trace.blobs.get(blob_key(WEIGHTS, step, layer)), dtype=np.float32)
-    return experts, weights
+    experts = np.asarray(trace.blobs.get(blob_key(EXPERTS, step, layer)))
+    weights = np.asarray(trace.blobs.get(blob_key(WEIGHTS, step, layer)))
+    want_q = trace.prompt_ids.shape[1] if step == 0 else None
+    if (experts.ndim != 3 or experts.shape != weights.shape or experts.shape[0] != trace.batch_size
+            or (want_q is not None and experts.shape[1] not in (want_q, 1)) or experts.dtype.kind not in "iu"
+            or weights.dtype.kind != "f" or (experts.size and experts.min() < 0)):
+        raise TraceFormatError(
+            f"{EXPERTS}/{step}/{layer} and {WEIGHTS}/{step}/{layer} have shapes {experts.shape} {experts.dtype} / "
+            f"{weights.shape} {weights.dtype}, expected (batch {trace.batch_size}, tokens, k) integer / float")
+    return experts.astype(np.int64), weights.astype(np.float32)
 
 
 def _tokens(trace: Any, seq: int, layer: int, include_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +144,8 @@ def _tokens(trace: Any, seq: int, layer: int, include_prompt: bool) -> tuple[np.
             we.append(w[seq][-1:])
     if not ex:
         return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    if len({e.shape[-1] for e in ex}) != 1:
+        raise TraceFormatError(f"the routing blobs of layer {layer} disagree on k (experts per token)")
     return np.concatenate(ex), np.concatenate(we)
 
 
@@ -163,6 +173,8 @@ def token_layer_map(trace: Any, seq: int = 0, *, include_prompt: bool = True) ->
     if not layers:
         return [], np.zeros((0, 0, 0), np.int64), np.zeros((0, 0, 0), np.float32)
     per = [_tokens(trace, seq, layer, include_prompt) for layer in layers]
+    if len({p[0].shape for p in per}) != 1:
+        raise TraceFormatError("the routing blobs of the layers disagree on the tokens or k recorded")
     experts = np.stack([p[0] for p in per], axis=1)
     weights = np.stack([p[1] for p in per], axis=1)
     order = np.argsort(-weights, axis=-1, kind="stable")
