@@ -162,3 +162,27 @@ def test_per_step_extras_refused_in_beam_and_assisted_modes(model):
             with pytest.raises(tracer.NotSupportedError, match="cannot be recorded in this mode"):
                 model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=2, pad_token_id=0)
         assert t.beam_traces == [] and t.assisted_traces == [] and t.traces == []
+
+
+def test_interrupted_beam_search_keeps_the_steps(model):
+    """Ctrl-C in the middle: the error propagates, the steps recorded so far stay, hooks are gone."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Interrupt(StoppingCriteria):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            if self.calls == 4:
+                raise KeyboardInterrupt
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    inputs = make_inputs(batch=1, seq=P)
+    with tracer.trace(model) as t:
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(**inputs, num_beams=2, max_new_tokens=8, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([Interrupt()]))
+    bt = t.beam
+    assert bt.num_steps == 3 and bt.status.startswith("error: KeyboardInterrupt")
+    assert not any(name in model.__dict__ for name in ("_get_top_k_continuations", "_update_finished_beams"))
