@@ -153,3 +153,18 @@ def test_embedded_prompt_lookup(embedded):
             elif len(r.appended) > i:
                 assert int(row.argmax()) == r.appended[i] != tok_id
                 break
+
+
+def test_unseen_rounds_warn_and_generation_unchanged(models, monkeypatch):
+    """If transformers stopped calling the generator methods tracer wraps, the run still returns
+    the untraced output and the trace says it recorded nothing (a TracerWarning, never silence)."""
+    from tracer import assisted
+
+    target, _ = models
+    kw = {"input_ids": PROMPT, "max_new_tokens": 6, "pad_token_id": 0, "prompt_lookup_num_tokens": 3}
+    ref = target.generate(**kw)
+    monkeypatch.setattr(assisted.AssistedRecorder, "wrap_factory", lambda self, original: original)
+    with tracer.trace(target) as t:
+        with pytest.warns(tracer.TracerWarning, match="no draft/verify round"):
+            out = target.generate(**kw)
+    assert torch.equal(out, ref) and t.assisted.status.startswith("recording stopped")

@@ -165,6 +165,8 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def _build(session: Any, rec: AssistedRecorder, args: tuple, kwargs: dict, output: Any, status: str) -> AssistedTrace:
+    if rec.error is None and output is not None and not rec.rounds:
+        rec.error = "generate ran no draft/verify round tracer could see (transformers' assisted decoding changed?)"
     if rec.error is not None:
         warnings.warn(f"assisted-decoding recording stopped: {rec.error}", TracerWarning, stacklevel=4)
         status = f"recording stopped: {rec.error}" if status == "complete" else status

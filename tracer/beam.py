@@ -164,6 +164,8 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
 
 
 def _build(session: Any, rec: BeamRecorder, args: tuple, kwargs: dict, output: Any, status: str) -> BeamTrace:
+    if rec.error is None and output is not None and not rec.steps:
+        rec.error = "generate ran no beam-search step tracer could see (transformers' beam search changed?)"
     if rec.error is not None:
         warnings.warn(f"beam recording stopped: {rec.error}", TracerWarning, stacklevel=4)
         status = f"recording stopped: {rec.error}" if status == "complete" else status
