@@ -73,6 +73,10 @@ EXPECTED: dict[str, dict[str, int]] = {
     "05_seed_script.ipynb": {
         ".jp-OutputArea-output img": 1,  # the two-turn cache figure
     },
+    "07_beyond_greedy.ipynb": {
+        ".jp-OutputArea-output svg": 1,  # the beam tree (inline SVG)
+        ".jp-OutputArea-output img": 2,  # expert load and token x layer map
+    },
 }
 #: What each notebook shows as committed (saved outputs, before anything runs): PNG figures.
 EXPECTED_SAVED: dict[str, int] = {
@@ -81,6 +85,7 @@ EXPECTED_SAVED: dict[str, int] = {
     "03_attention.ipynb": 5,
     "04_compare.ipynb": 1,
     "05_seed_script.ipynb": 1,
+    "07_beyond_greedy.ipynb": 2,
 }
 
 

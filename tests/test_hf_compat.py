@@ -130,3 +130,45 @@ def test_traced_generate_runs_on_this_version():
     with tracer.trace(model, record=tracer.RecordConfig(attention=True)) as t:
         out = model.generate(**inputs, do_sample=False, max_new_tokens=3, pad_token_id=0)
     _need(torch.equal(ref, out) and t.trace.num_steps == 3, "a traced greedy generate")
+
+
+def test_beam_search_helpers():
+    """``tracer.beam`` wraps these three ``_beam_search`` helpers and reads these arguments."""
+    need = {
+        "_get_top_k_continuations": {"accumulated_log_probs", "cur_len", "decoder_prompt_len", "num_beams",
+                                     "batch_size", "do_sample"},
+        "_get_running_beams_for_next_iteration": {"topk_log_probs", "next_token_hits_stopping_criteria", "num_beams"},
+        "_update_finished_beams": {"beam_scores", "topk_log_probs", "is_early_stop_heuristic_unsatisfied",
+                                   "is_sent_finished", "next_token_hits_stopping_criteria", "top_num_beam_mask",
+                                   "num_beams", "cur_len", "decoder_prompt_len", "length_penalty", "early_stopping"},
+    }
+    _need(tuple(need) == hf.BEAM_METHODS, "the beam helpers tracer wraps")
+    for name, params in need.items():
+        fn = getattr(GenerationMixin, name, None)
+        _need(fn is not None and params <= _params(fn), f"GenerationMixin.{name}({', '.join(sorted(params))})")
+    src = inspect.getsource(GenerationMixin._beam_search)
+    _need(all(f"self.{name}(" in src for name in need), "_beam_search calls the helpers through self")
+
+
+def test_candidate_generator_factory():
+    """``tracer.assisted`` wraps ``_get_candidate_generator`` and the generator's two methods."""
+    from transformers.generation.candidate_generator import CandidateGenerator
+
+    fn = getattr(GenerationMixin, hf.CANDIDATE_GENERATOR_METHOD, None)
+    _need(fn is not None and "generation_config" in _params(fn), f"GenerationMixin.{hf.CANDIDATE_GENERATOR_METHOD}")
+    def names(f):
+        return list(inspect.signature(f).parameters)
+
+    _need(names(CandidateGenerator.get_candidates)[:2] == ["self", "input_ids"], "CandidateGenerator.get_candidates")
+    _need(names(CandidateGenerator.update_candidate_strategy) == ["self", "input_ids", "scores", "num_matches"],
+          "CandidateGenerator.update_candidate_strategy(input_ids, scores, num_matches)")
+
+
+def test_attention_interface_detection():
+    """A family dispatching through ALL_ATTENTION_FUNCTIONS is seen as such; Bloom's is not."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    _need(hf.routes_attention_interface(hf.attention_module(make_tiny_llama().model.layers[0])),
+          "modeling_llama.ALL_ATTENTION_FUNCTIONS")
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    _need(not hf.routes_attention_interface(hf.attention_module(bloom.transformer.h[0])), "Bloom's own attention")

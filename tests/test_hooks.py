@@ -191,8 +191,8 @@ def test_unsupported_modes_raise_before_generating(tiny_model):
     handle = tiny_model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         with tracer.trace(tiny_model) as t:
-            with pytest.raises(NotSupportedError, match="beam"):
-                _generate(tiny_model, inputs, num_beams=2, do_sample=False)
+            with pytest.raises(NotSupportedError, match="assistant_early_exit"):  # beam search is recorded (test_beam)
+                _generate(tiny_model, inputs, prompt_lookup_num_tokens=2, assistant_early_exit=1)
             with pytest.raises(NotSupportedError, match="assistant_model"):
                 _generate(tiny_model, inputs, assistant_model=tiny_model)
     finally:

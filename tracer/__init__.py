@@ -27,6 +27,8 @@ _LAZY = {
     "load_trace": ("storage", "load_trace"),
     "save_trace": ("storage", "save_trace"),
     "vllm_generate": ("backends.vllm", "vllm_generate"),
+    "BeamTrace": ("beam_records", "BeamTrace"),
+    "AssistedTrace": ("assisted_records", "AssistedTrace"),
     "viz": ("viz", None),
     "compare": ("analysis", "compare"),
     "replay": ("analysis", "replay"),

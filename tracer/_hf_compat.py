@@ -11,12 +11,21 @@ Touches:
   instance while tracing: the lists ``generate`` builds are swapped for recording subclasses);
 * ``GenerationMixin._valid_auto_compile_criteria`` (would generate compile the decoding step?);
 * ``GenerationConfig.get_generation_mode`` + ``GenerationMode`` (greedy / sample only);
+* ``GenerationMixin._get_top_k_continuations`` / ``_get_running_beams_for_next_iteration`` /
+  ``_update_finished_beams`` (wrapped on the instance while tracing a beam search, read only:
+  :data:`BEAM_METHODS`, ``tracer.beam``);
+* ``GenerationMixin._get_candidate_generator`` and the returned generator's ``get_candidates`` /
+  ``update_candidate_strategy`` (assisted decoding, read only: ``tracer.assisted``);
 * ``PretrainedConfig._attn_implementation`` (the active attention implementation's name);
 * ``AttentionInterface`` / ``masking_utils.AttentionMaskInterface`` /
   ``ALL_MASK_ATTENTION_FUNCTIONS`` (registering the recording attention function);
 * ``<modeling module>.eager_attention_forward`` (the eager kernel of a model family);
-* ``model.get_decoder().layers`` / ``.norm`` / ``.get_input_embeddings()`` (model structure:
-  the one rule that decides whether a model is supported).
+* ``model.get_decoder()`` and its ``layers``/``h``/``blocks``, final norm and
+  ``get_input_embeddings()`` (model structure: the one rule that decides whether a model is
+  supported); ``<modeling module>.ALL_ATTENTION_FUNCTIONS`` (does the family route attention
+  through the interface);
+* the mixture-of-experts router of a decoder layer (``mlp.gate`` / ``block_sparse_moe.gate`` /
+  ``mlp.router``: a ``*TopKRouter`` returning ``(router_logits, router_scores, router_indices)``).
 """
 
 from __future__ import annotations
@@ -33,7 +42,10 @@ from .errors import NotSupportedError
 __all__ = [
     "LOGITS_PROCESSOR_METHOD",
     "STOPPING_CRITERIA_METHOD",
+    "BEAM_METHODS",
+    "CANDIDATE_GENERATOR_METHOD",
     "DecoderParts",
+    "beam_search_requested",
     "attention_module",
     "auto_compiles",
     "attn_implementation",
@@ -46,13 +58,18 @@ __all__ = [
     "make_processor_list",
     "mask_function",
     "registered_attention_function",
+    "routes_attention_interface",
+    "non_softmax_layers",
+    "router_modules",
+    "router_output",
     "register_attention",
     "transformers_version",
 ]
 
 LOGITS_PROCESSOR_METHOD = "_get_logits_processor"
 STOPPING_CRITERIA_METHOD = "_get_stopping_criteria"
-SUPPORT_RULE = "tracer needs a decoder-only causal LM whose decoder layers are `model.model.layers`"
+SUPPORT_RULE = ("tracer needs a decoder-only causal LM whose decoder (get_decoder()) holds its layers as "
+                "`layers`, `h` or `blocks` (Llama, GPT-2, GPT-NeoX, OPT, Falcon, Bloom, MPT layouts)")
 
 
 def transformers_version() -> str:
@@ -91,28 +108,113 @@ class DecoderParts:
     final_norm: torch.nn.Module | None
 
 
+#: Where transformers' decoder-only families keep their parts, in the decoder returned by
+#: ``model.get_decoder()``: ``model.layers`` (Llama and most), ``transformer.h`` (GPT-2, GPT-J,
+#: Falcon, Bloom, CodeGen, GPTBigCode), ``gpt_neox.layers``, ``model.decoder.layers`` (OPT),
+#: ``transformer.blocks`` (MPT).  The first name present wins.
+LAYER_NAMES = ("layers", "h", "blocks")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "layer_norm", "layernorm")
+ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention", "multi_head_attention")
+
+
+def _decoder_base(model: Any) -> Any:
+    getter = getattr(model, "get_decoder", None)
+    base = getter() if callable(getter) else None
+    if base is None:
+        base = getattr(model, "model", None)
+    # an outer module holding the decoder (OPT's ``model.decoder``)
+    if base is not None and not any(hasattr(base, n) for n in LAYER_NAMES):
+        base = getattr(base, "decoder", base)
+    return base
+
+
 def decoder_parts(model: Any) -> DecoderParts:
     """(embedding, decoder layers, final norm) of a decoder-only causal LM.
 
     The one rule deciding whether tracer supports a model (``tracer.models`` and the session
-    both use it): not encoder-decoder, and the decoder (``get_decoder()``, else ``model.model``)
-    has a non-empty ``layers`` list.  Anything else raises :class:`NotSupportedError`."""
+    both use it): not encoder-decoder; the decoder (``get_decoder()``, else ``model.model``,
+    then its ``.decoder`` if it holds the layers) has a non-empty layer list under one of
+    :data:`LAYER_NAMES`; its final norm is the first of :data:`FINAL_NORM_NAMES` (or none).
+    Anything else raises :class:`NotSupportedError`."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise NotSupportedError(f"{name} is an encoder-decoder model; tracer traces decoder-only LMs ({SUPPORT_RULE})")
-    getter = getattr(model, "get_decoder", None)
-    base = getter() if callable(getter) else getattr(model, "model", None)
+    base = _decoder_base(model)
     if base is None:
-        raise NotSupportedError(f"{name} has no `model.model` (no decoder layers found); {SUPPORT_RULE}")
-    layers = getattr(base, "layers", None)
+        raise NotSupportedError(f"{name} has no `model.model` nor get_decoder() (no decoder layers found); {SUPPORT_RULE}")
+    layers = next((getattr(base, n) for n in LAYER_NAMES if isinstance(getattr(base, n, None), torch.nn.ModuleList)),
+                  None)
     if layers is None or len(layers) == 0:
-        raise NotSupportedError(f"{name} has no `model.model.layers` (no decoder layers found); {SUPPORT_RULE}")
-    return DecoderParts(base.get_input_embeddings(), layers, getattr(base, "norm", None))
+        raise NotSupportedError(f"{name} has no decoder layers ({'/'.join(LAYER_NAMES)} of its decoder); {SUPPORT_RULE}")
+    norm = next((getattr(base, n) for n in FINAL_NORM_NAMES if isinstance(getattr(base, n, None), torch.nn.Module)),
+                None)
+    return DecoderParts(base.get_input_embeddings(), layers, norm)
 
 
 def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:
-    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    """The self-attention module of a decoder layer (first of :data:`ATTENTION_NAMES`)."""
+    for n in ATTENTION_NAMES:
+        module = getattr(layer, n, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None
+
+
+#: ``config.layer_types`` values of layers whose attention is softmax attention (recordable)
+SOFTMAX_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+
+
+def non_softmax_layers(config: Any, layers: Any) -> dict[int, str]:
+    """``{layer: kind}`` of the given layers that hybrid models (MiniMax, Qwen3-Next, Jamba, ...)
+    mark in ``config.layer_types`` as something other than softmax attention (linear attention,
+    mamba, ...): there is no attention map to record there."""
+    kinds = getattr(config, "layer_types", None) or []
+    return {i: str(kinds[i]) for i in layers if i < len(kinds) and kinds[i] not in SOFTMAX_LAYER_TYPES}
+
+
+def routes_attention_interface(module: torch.nn.Module) -> bool:
+    """Whether the attention module's modeling file dispatches through transformers'
+    ``ALL_ATTENTION_FUNCTIONS`` (the ``AttentionInterface``) — the tracer's attention hook.
+    Families that do not (Bloom, MPT, GPT-Neo, ...) trace, but their attention is not recorded."""
+    return hasattr(sys.modules.get(type(module).__module__), "ALL_ATTENTION_FUNCTIONS")
+
+
+#: Where MoE decoder layers keep their router (Mixtral ``block_sparse_moe.gate`` in older
+#: releases, ``mlp.gate`` for Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE/FlexOlmo/MiniMax/ERNIE-4.5-MoE/
+#: GLM-4-MoE, ``mlp.router`` for gpt-oss/PhiMoE/AFMoE, ``block_sparse_moe.router`` for GraniteMoE).
+ROUTER_PATHS = ("mlp.gate", "block_sparse_moe.gate", "mlp.router", "block_sparse_moe.router")
+
+
+def router_modules(layers: Any) -> dict[int, torch.nn.Module]:
+    """layer index -> the layer's top-k router module (only the layers that have one).
+
+    A router is a module at one of :data:`ROUTER_PATHS` whose class name ends in ``Router``
+    (transformers 5's ``*TopKRouter``: it returns ``(router_logits, router_scores,
+    router_indices)`` over the flattened tokens)."""
+    out = {}
+    for i, layer in enumerate(layers):
+        for path in ROUTER_PATHS:
+            module = layer
+            for part in path.split("."):
+                module = getattr(module, part, None)
+            if isinstance(module, torch.nn.Module) and type(module).__name__.endswith("Router"):
+                out[i] = module
+                break
+    return out
+
+
+def router_output(output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(selected experts `(N, k)`, their routing weights `(N, k)`) from a router's output, or
+    None when it is not the ``(logits (N, E), scores (N, k), indices (N, k))`` triple."""
+    if not (isinstance(output, tuple) and len(output) == 3):
+        return None
+    logits, scores, indices = output
+    if not all(isinstance(t, torch.Tensor) for t in output) or indices.dtype.is_floating_point:
+        return None
+    if scores.shape != indices.shape or logits.shape[:-1] != indices.shape[:-1]:
+        return None
+    return indices, scores
 
 
 def head_counts(config: Any) -> tuple[int, int, int]:
@@ -139,6 +241,22 @@ def generation_mode_supported(generation_config: Any) -> str | None:
 
     mode = generation_config.get_generation_mode()
     return None if mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) else str(mode.value)
+
+
+#: The beam-search steps of ``GenerationMixin._beam_search`` that ``tracer.beam`` wraps (in order
+#: of a step): K continuations kept, the running beams chosen among them, the finished set updated.
+BEAM_METHODS = ("_get_top_k_continuations", "_get_running_beams_for_next_iteration", "_update_finished_beams")
+
+
+#: The factory of assisted decoding's candidate generator (``tracer.assisted`` wraps it).
+CANDIDATE_GENERATOR_METHOD = "_get_candidate_generator"
+
+
+def beam_search_requested(model: Any, kwargs: dict) -> bool:
+    """Whether ``model.generate(**kwargs)`` will run beam search (``num_beams > 1``)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
+    return int(beams or 1) > 1
 
 
 def auto_compiles(model: Any, model_kwargs: dict | None, generation_config: Any) -> bool:

@@ -45,6 +45,9 @@ class RecordConfig:
     attention_maps: bool = True
     """False keeps only the cheap per-head statistics (entropy, sink, argmax)."""
     attention_dtype: Literal["float16", "float32"] = "float16"
+    routing: bool = False
+    """Mixture-of-experts models: per token fed and MoE layer, the selected experts and their
+    routing weights, read from the router modules' own outputs (``tracer.routing``)."""
     max_bytes: int = 2 * 1024**3
     """Memory budget for everything recorded; checked before generating."""
     sync_timing: bool = False

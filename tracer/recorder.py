@@ -143,6 +143,8 @@ class StepRecorder:
         self.own_forward = False
         if self.plan.attention is not None:
             self.plan.attention.reset()
+        if self.plan.routing is not None:
+            self.plan.routing.reset()
         warnings.warn(self.broken + " (generation itself went on unchanged)", TracerWarning, stacklevel=4)
 
     # -- configuration (may refuse: raised into generate before any forward) -----------
@@ -200,6 +202,8 @@ class StepRecorder:
             self.own_forward = False
             if self.plan.attention is not None:
                 self.plan.attention.enabled = False  # later forwards in this step are not the step's
+            if self.plan.routing is not None:
+                self.plan.routing.enabled = False
             self._guard(self._after_forward, output, kwargs)
 
     def layer_output(self, index: int, output: Any) -> None:
@@ -244,6 +248,8 @@ class StepRecorder:
         self.own_forward = True
         if self.plan.attention is not None:
             self.plan.attention.begin_step(self.cur.index, cache_len_before)
+        if self.plan.routing is not None:
+            self.plan.routing.begin_step(self.cur.index)
 
     def _after_forward(self, output: Any, kwargs: dict) -> None:
         step = self.cur
@@ -347,6 +353,10 @@ class StepRecorder:
                     attn_stats = StatsRows(*stats)
                 for layer, probs in maps.items():
                     self._put_blob(blob_key("attention", step.index, layer), probs, host=True)
+            if plan.routing is not None:
+                for layer, (experts, weights) in plan.routing.collect(int(chosen.shape[0])).items():
+                    self._put_blob(blob_key("router_experts", step.index, layer), experts, host=True)
+                    self._put_blob(blob_key("router_weights", step.index, layer), weights, host=True)
         if self.config.sync_timing:
             sync(plan.device)
         self.done.append(FinishedStep(
@@ -420,6 +430,8 @@ class StepRecorder:
     def finish(self, output: Any, error: BaseException | None) -> Trace:
         if self.plan.attention is not None:
             self.plan.attention.reset()  # drop references to this generation's tensors
+        if self.plan.routing is not None:
+            self.plan.routing.reset()
         self.cur, self.own_forward, self.nested = None, False, 0
         if self.plan.device.type != "cpu":
             sync(self.plan.device)

@@ -76,6 +76,8 @@ class TraceSession:
         self.tokenizer = tokenizer
         self.config = record or RecordConfig()
         self.traces: list[Trace] = []
+        self.beam_traces: list[Any] = []  # tracer.beam_records.BeamTrace, one per beam-search generate
+        self.assisted_traces: list[Any] = []  # tracer.assisted_records.AssistedTrace, one per assisted generate
         self.pending_prompts: list[str] | None = None  # prompt texts of the next generate (trace_generate)
         self.plan: ModelPlan
         self.plan, self._parts = build_plan(model, self.config)
@@ -90,6 +92,21 @@ class TraceSession:
         if not self.traces:
             raise TracerError("nothing was traced: call model.generate(...) inside the `with tracer.trace(...)` block")
         return self.traces[-1]
+
+    @property
+    def beam(self) -> Any:
+        """The last recorded beam search (:class:`tracer.beam_records.BeamTrace`)."""
+        if not self.beam_traces:
+            raise TracerError("no beam search was traced: call model.generate(..., num_beams=N) inside the block")
+        return self.beam_traces[-1]
+
+    @property
+    def assisted(self) -> Any:
+        """The last recorded assisted/speculative decoding (:class:`tracer.assisted_records.AssistedTrace`)."""
+        if not self.assisted_traces:
+            raise TracerError("no assisted decoding was traced: call model.generate(..., assistant_model=... or "
+                              "prompt_lookup_num_tokens=...) inside the block")
+        return self.assisted_traces[-1]
 
     @property
     def attention(self) -> "_attention.AttentionRecorder | None":
@@ -137,6 +154,8 @@ class TraceSession:
             self._handles.append(parts.embedding.register_forward_hook(self._point_hook("embed")))
             if parts.final_norm is not None:
                 self._handles.append(parts.final_norm.register_forward_hook(self._point_hook("norm")))
+        if plan.routing is not None:
+            self._handles.extend(plan.routing.install())
         if plan.attention is not None:
             self._patched["__attn__"] = plan.attn_implementation  # before install: undone even if it fails
             _attention.install(model, plan.attention)
@@ -184,11 +203,19 @@ class TraceSession:
                     "tracer.trace(...) is recording this model in another thread; refused so that it is not "
                     "mixed into that trace. Generate from the thread that opened the block, or after it closes."
                 )
+            from . import assisted as _assisted
+
+            if _assisted.requested(kwargs) and self._recorder is None:  # recorded by tracer.assisted
+                return _assisted.generate(self, original, args, kwargs)
             for key in _UNSUPPORTED_KWARGS:
                 if kwargs.get(key) is not None:
                     raise NotSupportedError(f"tracer does not support {key}= (assisted/custom decoding) yet")
             if self._recorder is not None:
                 raise NotSupportedError("nested generate calls inside one trace are not supported")
+            if hf.beam_search_requested(self.model, kwargs):  # recorded by tracer.beam (session.beam)
+                from . import beam as _beam
+
+                return _beam.generate(self, original, args, kwargs)
             input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if input_ids is not None and not isinstance(input_ids, torch.Tensor):
                 input_ids = None
@@ -290,7 +317,9 @@ def trace_generate(
     system: str | None = None,
     **generate_kwargs: Any,
 ) -> Trace:
-    """Tokenize ``prompt`` (text, chat messages, or a list of either), generate, return the Trace.
+    """Tokenize ``prompt`` (text, chat messages, or a list of either), generate, return the Trace
+    (a :class:`~tracer.beam_records.BeamTrace` for ``num_beams > 1``, an
+    :class:`~tracer.assisted_records.AssistedTrace` for ``assistant_model=`` / ``prompt_lookup_num_tokens=``).
 
     Inputs and defaults are :func:`prepare_generate`'s, so an untraced run made from the same
     preparation generates exactly the same tokens."""
@@ -298,6 +327,10 @@ def trace_generate(
     with trace(model, tokenizer, record=record) as session:
         session.pending_prompts = texts
         model.generate(**encoded, **kwargs)
+    if session.beam_traces:  # beam search / assisted decoding have their own records
+        return session.beam  # type: ignore[no-any-return]
+    if session.assisted_traces:
+        return session.assisted  # type: ignore[no-any-return]
     return session.trace
 
 

@@ -142,6 +142,9 @@ def vllm_generate(
     given = [sampling_params] if single else list(sampling_params)
     given = [llm.get_default_sampling_params() if sp is None else sp for sp in given]
     traced = [with_logprobs(sp, record.top_k, prompt_logprobs) for sp in given]
+    from . import vllm_spec
+
+    spec_before = vllm_spec.counters(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, traced[0] if single else traced, use_tqdm=use_tqdm)
     wall = time.perf_counter() - start
@@ -149,6 +152,11 @@ def vllm_generate(
     traces = traces_from_outputs(
         outputs, per_request, facts=facts, tokenizer=llm.get_tokenizer(), record=record, wall_time_s=wall
     )
+    if spec_before is not None:  # speculative decoding: the engine's draft/acceptance counts for this call
+        spec = vllm_spec.summary(llm, spec_before, vllm_spec.counters(llm) or {})
+        for t in traces:
+            t.meta.backend_info = {**(t.meta.backend_info or {}), "speculative": spec}
+            t.meta.notes.append(vllm_spec.NOTE.format(method=spec["method"]))
     return (traces, outputs) if return_outputs else traces
 
 

@@ -99,6 +99,9 @@ def show(trace: Trace, seq: int = 0) -> Any:
         tabs.append(("cache", W.HTML(esc(missing_note(trace, "cache timeline")))))
     if any(s.logit_lens is not None for s in trace.steps):
         tabs.append(("logit lens", logit_lens(trace, seq)))
+    from .modes import mode_tabs
+
+    tabs += mode_tabs(trace, seq)
     tab = W.Tab(children=[w for _, w in tabs])
     for i, (name, _) in enumerate(tabs):
         tab.set_title(i, name)
