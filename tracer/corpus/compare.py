@@ -24,7 +24,7 @@ from .dataset import CorpusDataset, open_dataset
 
 __all__ = ["CorpusComparison", "compare_datasets"]
 
-_STEP_COLS = ["prompt_id", "step", "token_id", "token_text", "logprob", "topk_ids", "topk_logprobs"]
+_STEP_COLS = ["prompt_id", "step", "token_id", "decoded", "logprob", "topk_ids", "topk_logprobs"]
 
 
 def _kl_lb(ids_a, lp_a, ids_b, lp_b) -> float:
@@ -176,8 +176,8 @@ def compare_datasets(a: str | Path | CorpusDataset, b: str | Path | CorpusDatase
                 m_a = _margin(xa["topk_ids"][d], xa["topk_logprobs"][d], ta[d], tb[d])
                 m_b = _margin(xb["topk_ids"][d], xb["topk_logprobs"][d], tb[d], ta[d])
                 near_tie = any(not math.isnan(m) and m < tie_margin for m in (m_a, m_b))
-        text_a = xa["token_text"] if xa else []
-        text_b = xb["token_text"] if xb else []
+        text_a = xa["decoded"] if xa else []
+        text_b = xb["decoded"] if xb else []
         aligned[pid] = ("".join(text_a[:d]), "".join(text_a[d:]), "".join(text_b[d:]))
         all_d.extend(dlp)
         finite = [k for k in kls if math.isfinite(k)]

@@ -1,8 +1,10 @@
 """Finished Traces as table rows: the ``sequences`` and ``steps`` tables of a corpus dataset.
 
 Reads records only (never hooks).  One Trace holds one batch; row ``b`` of the batch is the
-prompt ``ids[b]``.  Token texts follow :mod:`tracer.text` (the run decoded together, so a
-character split over tokens is shown whole; bytes that never make a character are escaped)."""
+prompt ``ids[b]``.  Token texts follow :mod:`tracer.text`: ``token_text`` is what the token shows on
+its own row (bytes of a character it does not complete escaped, the character shown whole on
+the token that completes it); ``decoded`` is what the token adds to the decoded answer (joined
+in step order they give the tokenizer's decode)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..records import Trace
-from ..text import token_pieces
+from ..text import pieces
 
 __all__ = ["STEP_SCHEMA", "SEQUENCE_SCHEMA", "trace_rows", "steps_table", "sequences_table"]
 
@@ -24,7 +26,7 @@ def _schemas():
                            ("chosen_rank", pa.int64()), ("kl", pa.float32())])
     steps = pa.schema([
         ("prompt_id", pa.string()), ("seq", pa.int32()), ("step", pa.int32()), ("token_id", pa.int64()),
-        ("token_text", pa.string()), ("logprob", pa.float32()), ("rank", pa.int64()),
+        ("token_text", pa.string()), ("decoded", pa.string()), ("logprob", pa.float32()), ("rank", pa.int64()),
         ("final_logprob", pa.float32()), ("final_rank", pa.int64()),
         ("entropy", pa.float32()), ("final_entropy", pa.float32()),
         ("topk_ids", pa.list_(pa.int64())), ("topk_logprobs", pa.list_(pa.float32())),
@@ -66,8 +68,8 @@ def trace_rows(trace: Trace, ids: Sequence[str], prompts: Sequence[str], *, engi
     for b, pid in enumerate(ids):
         active = [s for s in trace.steps if s.active[b]]
         chosen = [int(s.chosen[b]) for s in active]
-        shown = token_pieces(trace, chosen)
-        for step, text in zip(active, shown):
+        shown = pieces(trace, chosen)  # the run decoded together: split characters come out whole
+        for step, piece in zip(active, shown):
             raw, fin = step.stages[0], step.stages[-1]
             top = raw.top
             reason = step.stop_reasons[b] if b < len(step.stop_reasons) else None
@@ -77,7 +79,7 @@ def trace_rows(trace: Trace, ids: Sequence[str], prompts: Sequence[str], *, engi
                 lp = (top.values[b].astype(np.float64) - float(top.logsumexp[b])).astype(np.float32)
             step_rows.append({
                 "prompt_id": pid, "seq": 0, "step": int(step.index), "token_id": int(step.chosen[b]),
-                "token_text": text, "logprob": _f(raw.chosen_logprob[b]), "rank": int(raw.chosen_rank[b]),
+                "token_text": piece.display, "decoded": piece.text, "logprob": _f(raw.chosen_logprob[b]), "rank": int(raw.chosen_rank[b]),
                 "final_logprob": _f(fin.chosen_logprob[b]), "final_rank": int(fin.chosen_rank[b]),
                 "entropy": _f(raw.entropy[b]) if raw.entropy is not None else float("nan"),
                 "final_entropy": _f(fin.entropy[b]) if fin.entropy is not None else float("nan"),
