@@ -26,6 +26,7 @@ NAMES = [
     "03_attention.ipynb",
     "04_compare.ipynb",
     "05_seed_script.ipynb",
+    "06_corpus.ipynb",
 ]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"

@@ -3,7 +3,8 @@
 Per prompt: the first step where the generated tokens differ, the fraction of positions
 that agree, |Δ log-prob| of the chosen token on the shared prefix (same context, same token),
 a KL estimate on every step with the same context, and whether the divergence was a near-tie
-(the two chosen tokens within ``tie_margin`` nats of each other on a side that holds both).
+(the two chosen tokens' log-probs within ``tie_margin`` nats of each other, on a side whose top-k
+holds both; ``margin_a``/``margin_b``: log p(own token) - log p(other side's token), raw logits).
 
 KL: the datasets keep each step's top-k, not the full row, so the KL is computed on the
 coarsened distribution {tokens in both top-k lists, everything else}; by the data-processing
@@ -175,7 +176,7 @@ def compare_datasets(a: str | Path | CorpusDataset, b: str | Path | CorpusDatase
             if not identical and d < n and d < len(xa["step"]) and d < len(xb["step"]):
                 m_a = _margin(xa["topk_ids"][d], xa["topk_logprobs"][d], ta[d], tb[d])
                 m_b = _margin(xb["topk_ids"][d], xb["topk_logprobs"][d], tb[d], ta[d])
-                near_tie = any(not math.isnan(m) and m < tie_margin for m in (m_a, m_b))
+                near_tie = any(not math.isnan(m) and abs(m) < tie_margin for m in (m_a, m_b))
         text_a = xa["decoded"] if xa else []
         text_b = xb["decoded"] if xb else []
         aligned[pid] = ("".join(text_a[:d]), "".join(text_a[d:]), "".join(text_b[d:]))
