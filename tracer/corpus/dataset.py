@@ -110,6 +110,17 @@ def _parts(path: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("part-*.parquet")) if folder.is_dir() else []
 
 
+def existing_ids(path: str | Path) -> set[str]:
+    """Prompt ids already in the dataset at ``path`` (empty when there is none yet)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    ids: set[str] = set()
+    for name in _parts(path):
+        ids.update(pq.read_table(path / "sequences" / name, columns=["prompt_id"])["prompt_id"].to_pylist())
+    return ids
+
+
 class CorpusWriter:
     """Appends batches to a dataset folder (created or resumed)."""
 
@@ -137,12 +148,7 @@ class CorpusWriter:
 
     def done_ids(self) -> set[str]:
         """Prompt ids already in the dataset."""
-        import pyarrow.parquet as pq
-
-        ids: set[str] = set()
-        for name in _parts(self.path):
-            ids.update(pq.read_table(self.path / "sequences" / name, columns=["prompt_id"])["prompt_id"].to_pylist())
-        return ids
+        return existing_ids(self.path)
 
     def write(self, seq_rows: list[dict[str, Any]], step_rows: list[dict[str, Any]]) -> str:
         """One finished batch: the steps part, then the sequences part (which makes it count)."""
@@ -150,11 +156,15 @@ class CorpusWriter:
 
         if not seq_rows:
             return ""
+        return self.write_tables(sequences_table(seq_rows), steps_table(step_rows))
+
+    def write_tables(self, sequences: Any, steps: Any) -> str:
+        """:meth:`write` for Arrow tables already built (the Ray engine's results)."""
         name = f"part-{self.run_id}-{self.count:05d}.parquet"
-        _atomic_write_table(steps_table(step_rows), self.path / "steps" / name)
-        _atomic_write_table(sequences_table(seq_rows), self.path / "sequences" / name)
+        _atomic_write_table(steps, self.path / "steps" / name)
+        _atomic_write_table(sequences, self.path / "sequences" / name)
         self.count += 1
-        self.rows_written += len(seq_rows)
+        self.rows_written += sequences.num_rows
         return name
 
 
