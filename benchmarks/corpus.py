@@ -197,6 +197,7 @@ def main() -> None:
 
         model, tok = tracer.load_model()
         g = bench_generate(model, tok, items, args.tokens, args.batch_size, args.rounds)
+        print(g, flush=True)
         lines += [f"generate, {g['prompts']} prompts x {g['tokens']} tokens, batch {g['batch_size']}, fp32: untraced "
                   f"{g['untraced_s']:.2f} s, traced into a dataset {g['traced_s']:.2f} s: **{g['ratio']:.2f}x** "
                   f"(rounds {[round(x, 2) for x in g['ratios']]})",
@@ -205,8 +206,14 @@ def main() -> None:
         d = bench_duckdb(args.duckdb_rows)
         lines += [f"DuckDB `GROUP BY step` aggregate over {d['rows']:,} synthesized step rows (10 Parquet parts): "
                   f"**{d['median_s'] * 1000:.0f} ms** median of {len(d['times'])}"]
+        print("\n".join(lines), flush=True)
         if args.ray:
-            r = bench_ray(items, args.tokens, args.batch_size)
+            try:
+                r = bench_ray(items, args.tokens, args.batch_size)
+            except Exception as exc:  # noqa: BLE001 - a cluster that does not start under load: say so
+                r = None
+                lines += [f"Ray: not measured ({type(exc).__name__}: {str(exc)[:200]})"]
+        if args.ray and r is not None:
             lines += [f"Ray: one process (model load + run) {r['one_process_s']:.1f} s; local cluster start "
                       f"{r['ray_init_s']:.1f} s; 2 replicas (actors load their models + run) {r['ray_2_workers_s']:.1f} s; "
                       f"identical tokens: {r['identical']}"]
