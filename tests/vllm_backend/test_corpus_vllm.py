@@ -17,17 +17,20 @@ TOKENS = 16
 
 
 def test_vllm_corpus_matches_generate(llm, questions, tmp_path):
+    from vllm import SamplingParams
+
+    from tracer.models import terminators
+
     prompts = [(f"q{i}", q) for i, q in enumerate(questions)]
-    ds = trace_corpus_vllm(llm, prompts, dataset=tmp_path / "vllm", sampling={"max_tokens": TOKENS}, batch_size=2,
-                           chat=True)
+    sp = SamplingParams(max_tokens=TOKENS, temperature=0.0, stop_token_ids=terminators(llm.get_tokenizer()))
+    ds = trace_corpus_vllm(llm, prompts, sp, dataset=tmp_path / "vllm", batch_size=2, chat=True)
     assert ds.meta["engine"] == "vllm" and len(ds.parts) == 2
     seqs = ds.sequences.set_index("prompt_id")
     assert sorted(seqs.index) == ["q0", "q1", "q2"]
     assert len(ds.steps) == int(seqs.num_tokens.sum())
     assert (ds.steps["rank"] >= 0).all() and ds.steps.topk_ids.map(len).eq(10).all()
     # resume: nothing regenerated
-    again = trace_corpus_vllm(llm, prompts, dataset=tmp_path / "vllm", sampling={"max_tokens": TOKENS}, batch_size=2,
-                              chat=True)
+    again = trace_corpus_vllm(llm, prompts, sp, dataset=tmp_path / "vllm", batch_size=2, chat=True)
     assert len(again.parts) == 2
     # the same prompts through generate (batch 1: no padding) into a second dataset
     from tracer.models import load_model

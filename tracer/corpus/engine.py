@@ -45,6 +45,17 @@ def _model_name(model: Any) -> str:
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or type(model).__name__)
 
 
+def model_dtype(model: Any) -> str:
+    """The weights' dtype, with the bitsandbytes quantization when there is one (part of a
+    dataset's identity: a resumed run with another precision is refused)."""
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if getattr(model, "is_loaded_in_4bit", False):
+        return f"{dtype}+bnb-4bit"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return f"{dtype}+bnb-8bit"
+    return dtype
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -134,7 +145,7 @@ def trace_corpus(model: Any, tokenizer: Any, prompts: Any, *, dataset: str | Pat
     items = load_items(prompts)
     record = record or RecordConfig()
     settings = resolved_settings(model, tokenizer, chat, system, seed, dict(generate_kwargs))
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = model_dtype(model)
     meta = corpus_meta(engine="transformers", model=_model_name(model), dtype=dtype, settings=settings,
                        chat=chat, system=system, batch_size=batch_size, record=record.to_dict())
     writer = CorpusWriter(dataset, meta)

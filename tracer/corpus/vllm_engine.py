@@ -53,7 +53,7 @@ def trace_corpus_vllm(llm: Any, prompts: Any, sampling_params: Any, *, dataset: 
         settings = {k: getattr(sampling_params, k, None) for k in
                     ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop_token_ids")}
     settings = {k: (list(v) if isinstance(v, (set, tuple)) else v) for k, v in settings.items()}
-    meta = corpus_meta(engine="vllm", model=str(getattr(facts, "model", "") or ""), dtype=str(getattr(facts, "dtype", "")),
+    meta = corpus_meta(engine="vllm", model=str(getattr(facts, "model", "") or ""), dtype=str(getattr(facts, "dtype", "")).replace("torch.", ""),
                        settings=settings, chat=chat, system=system, batch_size=batch_size, record=record.to_dict(),
                        schema=SCHEMA, extra={"tensor_parallel_size": getattr(facts, "tensor_parallel_size", 1)})
     writer = CorpusWriter(dataset, meta)
