@@ -65,14 +65,14 @@ def bench_vllm(n: int, tokens: int, rounds: int) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM, SamplingParams
 
-    from tracer.corpus.vllm_engine import prompt_text, trace_corpus_vllm
+    from tracer.corpus.vllm_engine import token_prompts, trace_corpus_vllm
     from tracer.corpus.data import as_items
     from tracer.models import embedded_model_path
 
     llm = LLM(model=str(embedded_model_path()), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0)
     tok = llm.get_tokenizer()
     prompts = [(f"p{i:04d}", PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" ({i})")) for i in range(n)]
-    texts = [prompt_text(tok, it, True, None) for it in as_items(prompts)]
+    texts = token_prompts(tok, as_items(prompts), True, None)
     sp = SamplingParams(max_tokens=tokens, temperature=0.0, seed=0, ignore_eos=True)
     llm.generate(texts[:8], sp, use_tqdm=False)  # warm-up
     tmp = Path(tempfile.mkdtemp(prefix="tracer-corpus-vllm-"))

@@ -205,6 +205,8 @@ def test_cli_refusals_before_the_model(tmp_path, capsys, no_model):
             "--batch-size must be at least 1")
     refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "d"), "--no-trace"],
             "--no-trace cannot be combined with --dataset")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "d"), "--ray", "--use-vllm"],
+            "--ray with --use-vllm is not supported")
     chat = tmp_path / "chat.jsonl"
     chat.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     refused(capsys, ["run", "--data-file", str(chat), "--dataset", str(tmp_path / "d")], "add --with-prompt")

@@ -22,9 +22,10 @@ def test_vllm_corpus_tables_equal_untraced(llm, tmp_path):
     ds = trace_corpus_vllm(llm, PROMPTS, sp, dataset=tmp_path / "v", batch_size=2, chat=True)
     assert ds.meta["engine"] == "vllm" and ds.meta["schema"] == "vllm-1" and len(ds.parts) == 2
     tok = llm.get_tokenizer()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for _, p in PROMPTS]
-    plain = llm.generate(texts, sp, use_tqdm=False)
+    from tracer.corpus.data import as_items
+    from tracer.corpus.vllm_engine import token_prompts
+
+    plain = llm.generate(token_prompts(tok, as_items(PROMPTS), True, None), sp, use_tqdm=False)
     seqs = ds.sequences.set_index("prompt_id")
     for (pid, _), out in zip(PROMPTS, plain):
         assert list(seqs.token_ids[pid]) == list(out.outputs[0].token_ids)

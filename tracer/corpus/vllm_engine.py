@@ -19,16 +19,16 @@ __all__ = ["trace_corpus_vllm", "run_vllm_corpus", "SCHEMA"]
 SCHEMA = "vllm-1"
 
 
-def prompt_text(tokenizer: Any, item: PromptItem, chat: bool | None, system: str | None) -> str:
-    """The one place a corpus prompt becomes vLLM's prompt text (the chat template when ``chat``)."""
-    if not chat:
-        if not isinstance(item.prompt, str):
-            raise CorpusError(f"prompt {item.id!r} holds chat messages: pass chat=True")
-        return item.prompt
-    messages = ([{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str) else list(item.prompt))
-    if system and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def token_prompts(tokenizer: Any, items: list[PromptItem], chat: bool | None, system: str | None) -> list[dict]:
+    """The one place corpus prompts become vLLM inputs: the same code as the transformers path
+    (``tracer.session.encode_prompts``: chat template, system prompt, special tokens), given to
+    vLLM as token ids, so both engines see the very same prompt tokens."""
+    from ..session import encode_prompts
+
+    if not chat and any(not isinstance(it.prompt, str) for it in items):
+        raise CorpusError("a prompt holds chat messages: pass chat=True")
+    _, enc = encode_prompts(tokenizer, [it.prompt for it in items], chat=chat, system=system)
+    return [{"prompt_token_ids": row[mask.bool()].tolist()} for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
 
 
 def trace_corpus_vllm(llm: Any, prompts: Any, sampling_params: Any, *, dataset: str | Path, batch_size: int = 64,
@@ -60,8 +60,8 @@ def trace_corpus_vllm(llm: Any, prompts: Any, sampling_params: Any, *, dataset: 
     done = writer.done_ids()
     for batch in chunks([it for it in items if it.id not in done], batch_size):
         start = time.perf_counter()
-        texts = [prompt_text(tok, it, chat, system) for it in batch]
-        traces = vllm_generate(llm, texts, sampling_params, record=record)
+        inputs = token_prompts(tok, batch, chat, system)
+        traces = vllm_generate(llm, inputs, sampling_params, record=record)
         seq_rows, step_rows = [], []
         for it, tr in zip(batch, traces):
             s, st = trace_rows(tr, [it.id], [it.text], engine="vllm", settings=settings)
