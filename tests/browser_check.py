@@ -73,6 +73,9 @@ EXPECTED: dict[str, dict[str, int]] = {
     "05_seed_script.ipynb": {
         ".jp-OutputArea-output img": 1,  # the two-turn cache figure
     },
+    "06_corpus.ipynb": {
+        ".jp-OutputArea-output img": 4,  # entropy by position, stop reasons, processors, divergence histogram
+    },
     "07_beyond_greedy.ipynb": {
         ".jp-OutputArea-output svg": 1,  # the beam tree (inline SVG)
         ".jp-OutputArea-output img": 2,  # expert load and token x layer map
@@ -85,6 +88,7 @@ EXPECTED_SAVED: dict[str, int] = {
     "03_attention.ipynb": 5,
     "04_compare.ipynb": 1,
     "05_seed_script.ipynb": 1,
+    "06_corpus.ipynb": 4,
     "07_beyond_greedy.ipynb": 2,
 }
 

@@ -26,6 +26,7 @@ NAMES = [
     "03_attention.ipynb",
     "04_compare.ipynb",
     "05_seed_script.ipynb",
+    "06_corpus.ipynb",
     "07_beyond_greedy.ipynb",
 ]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

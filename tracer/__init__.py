@@ -34,6 +34,9 @@ _LAZY = {
     "replay": ("analysis", "replay"),
     "branch": ("analysis", "branch"),
     "reprocess": ("analysis", "reprocess"),
+    "trace_corpus": ("corpus.engine", "trace_corpus"),
+    "open_dataset": ("corpus.dataset", "open_dataset"),
+    "compare_datasets": ("corpus.compare", "compare_datasets"),
 }
 
 __all__ = [

@@ -41,6 +41,12 @@ def _stage(value: str) -> int | str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from ..corpus.dataset import is_dataset
+
+    if is_dataset(args.a) or is_dataset(args.b):  # two corpus datasets (tracer.corpus)
+        from ..corpus.cli import cmd_compare_corpus
+
+        return cmd_compare_corpus(args)
     from ..storage import load_trace
     from .comparison import compare
 

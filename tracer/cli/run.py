@@ -104,6 +104,9 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     tr.add_argument("--no-trace", action="store_true", help="plain model.generate, no recording")
     tr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="per-token progress bar on stderr (default: when stderr is a terminal)")
+    from tracer.corpus.cli import add_run_options  # the corpus options (--dataset, --batch-size, --ray)
+
+    add_run_options(run)
     run.set_defaults(func=cmd_run, explicit=frozenset())
     return run
 
@@ -197,6 +200,10 @@ def _vllm_backend() -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "dataset", None) is not None:  # a whole prompt set into one dataset
+        from tracer.corpus.cli import cmd_run_corpus
+
+        return cmd_run_corpus(args)
     prompts = _validate(args)
     writer = PredictionsWriter(args.predictions_file)
     interactive = args.interactive

@@ -1,0 +1,318 @@
+"""Corpus datasets (tracer.corpus): data files, the Parquet dataset (atomic parts, resume),
+reading it (pandas, polars, DuckDB), comparing two, and ``tracer run --dataset`` refusals.
+
+Fast tests build rows from synthetic traces (``tracer.testing.make_trace``); the ``slow`` ones
+run the embedded model: the traced batch equals the untraced batch, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("duckdb")
+
+import tracer.models  # noqa: E402
+from tracer.cli import main  # noqa: E402
+from tracer.corpus.data import CorpusError, as_items, read_data_file  # noqa: E402
+from tracer.corpus.dataset import CorpusWriter, open_dataset  # noqa: E402
+from tracer.corpus.rows import trace_rows  # noqa: E402
+from tracer.testing import make_trace  # noqa: E402
+
+META = dict(engine="transformers", model="m", dtype="float32", settings={"max_new_tokens": 6}, chat=None,
+            system=None, schema="hf-1", record={})
+
+
+def write_synthetic(path: Path, seeds=(0, 1), ids=("a", "b", "c", "d"), prompts=None, meta=META):
+    writer = CorpusWriter(path, dict(meta))
+    prompts = prompts or [f"prompt {i}" for i in ids]
+    for n, seed in enumerate(seeds):
+        tr = make_trace(batch=2, steps=6, seed=seed, attention=False)
+        seq, steps = trace_rows(tr, list(ids[2 * n:2 * n + 2]), prompts[2 * n:2 * n + 2], engine="transformers",
+                                settings={})
+        writer.write(seq, steps)
+    return writer
+
+
+# ------------------------------------------------------------------------------ data files
+def test_plain_lines_and_jsonl(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\ufeffhello\n\n  你好，世界  \n", encoding="utf-8")
+    items = read_data_file(f)
+    assert [(i.id, i.prompt, i.line) for i in items] == [("1", "hello", 1), ("3", "你好，世界", 3)]
+    j = tmp_path / "p.jsonl"
+    j.write_text('{"id": "x", "prompt": "hi"}\n\n{"id": 7, "messages": [{"role": "user", "content": "问"}]}\n',
+                 encoding="utf-8")
+    items = read_data_file(j)
+    assert [i.id for i in items] == ["x", "7"]
+    assert items[1].prompt == [{"role": "user", "content": "问"}]
+    assert json.loads(items[1].text)[0]["content"] == "问"
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "b"\n', "line 2: not valid JSON"),
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n{"id": 1, "prompt": "c"}\n',
+     "duplicate prompt id '1' on lines 1, 2, 3"),
+    ('{"id": 1, "prompt": "   "}\n', "line 1: empty prompt"),
+    ('{"id": 1}\n', "exactly one of 'prompt' and 'messages'"),
+    ('{"id": 1, "prompt": "' + "x" * 40_000 + '"}\n', "over the limit"),
+    ('{"id": true, "prompt": "a"}\n', "'id' must be"),
+    ('{"id": 1, "messages": [{"role": "user"}]}\n', "'role' and 'content'"),
+])
+def test_bad_data_files(tmp_path, body, fragment):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(body, encoding="utf-8")
+    with pytest.raises(CorpusError, match=None) as err:
+        read_data_file(f)
+    assert fragment in str(err.value)
+
+
+def test_python_prompts_duplicates_refused():
+    with pytest.raises(CorpusError, match="duplicate prompt id 'a'"):
+        as_items([("a", "x"), ("a", "y")])
+    assert [i.id for i in as_items(["x", "y"])] == ["0", "1"]
+
+
+# ------------------------------------------------------------------------------ the dataset
+def test_dataset_written_and_read(tmp_path):
+    d = tmp_path / "ds"
+    write_synthetic(d)
+    ds = open_dataset(d)
+    seqs, steps = ds.sequences, ds.steps
+    assert list(seqs.prompt_id) == ["a", "b", "c", "d"]
+    assert len(steps) == int(seqs.num_tokens.sum())
+    tr = make_trace(batch=2, steps=6, seed=0, attention=False)
+    assert list(seqs.token_ids[0]) == tr.generated_ids(0).tolist()
+    assert list(seqs.token_ids[1]) == tr.generated_ids(1).tolist()
+    first = steps[steps.prompt_id == "a"].sort_values("step")
+    raw = tr.steps[0].stages[0]
+    assert first.logprob.iloc[0] == pytest.approx(float(raw.chosen_logprob[0]))
+    assert list(first.topk_ids.iloc[0]) == raw.top.ids[0].tolist()
+    lp = raw.top.values[0] - raw.top.logsumexp[0]
+    assert np.allclose(first.topk_logprobs.iloc[0], lp, atol=1e-6)
+    # each processor's masked count, per step
+    procs = first.processors.iloc[0]
+    assert [p["name"] for p in procs] == [p.name for p in tr.steps[0].processors]
+    assert [p["newly_masked"] for p in procs] == [int(p.newly_masked[0]) for p in tr.steps[0].processors]
+    # the same numbers through DuckDB and polars
+    con = ds.duckdb()
+    n, = con.execute("select count(*) from steps").fetchone()
+    assert n == len(steps)
+    by_id = dict(con.execute("select prompt_id, count(*) from steps group by 1").fetchall())
+    assert by_id == steps.groupby("prompt_id").size().to_dict()
+    assert ds.polars("sequences").height == 4
+    meta = json.loads((d / "corpus.json").read_text())
+    assert meta["format"] == "tracer-corpus" and meta["engine"] == "transformers"
+    assert not list(d.rglob(".tmp-*"))
+
+
+def test_resume_and_leftovers(tmp_path):
+    d = tmp_path / "ds"
+    w = write_synthetic(d, seeds=(0,), ids=("a", "b"))
+    assert w.done_ids() == {"a", "b"}
+    # a kill between the steps rename and the sequences rename leaves a steps part alone
+    (d / "steps" / "part-dead-00000.parquet").write_bytes((d / "steps" / f"part-{w.run_id}-00000.parquet").read_bytes())
+    (d / "steps" / ".tmp-x-part.parquet").write_bytes(b"half")
+    assert len(open_dataset(d).steps) == len(open_dataset(d).steps.drop_duplicates(["prompt_id", "step"]))
+    w2 = CorpusWriter(d, dict(META))
+    assert w2.done_ids() == {"a", "b"}
+    assert not (d / "steps" / "part-dead-00000.parquet").exists() and not (d / "steps" / ".tmp-x-part.parquet").exists()
+    meta = json.loads((d / "corpus.json").read_text())
+    assert len(meta["runs"]) == 2
+    with pytest.raises(CorpusError, match="different settings"):
+        CorpusWriter(d, {**META, "settings": {"max_new_tokens": 7}})
+
+
+def test_folder_holding_something_else(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CorpusError, match="holds something else"):
+        CorpusWriter(tmp_path, dict(META))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------ compare
+def test_compare_identical_and_different(tmp_path):
+    write_synthetic(tmp_path / "a")
+    write_synthetic(tmp_path / "b")
+    same = tracer_compare(tmp_path / "a", tmp_path / "b")
+    assert same.summary["identical_fraction"] == 1.0 and same.summary["max_abs_dlogprob"] == 0.0
+    assert same.summary["mean_kl_lb"] == pytest.approx(0.0, abs=1e-9)
+    write_synthetic(tmp_path / "c", seeds=(0, 5))  # prompts c, d differ
+    diff = tracer_compare(tmp_path / "a", tmp_path / "c")
+    rows = diff.prompts.set_index("prompt_id")
+    assert list(rows.identical) == [True, True, False, False]
+    assert rows.first_divergence["c"] == 0  # the synthetic tokens differ from the first step
+    assert diff.summary["identical_fraction"] == 0.5
+    assert int(diff.histogram.prompts.sum()) == 2
+    assert set(diff.most_different(5).prompt_id) == {"c", "d"}
+
+
+def tracer_compare(a, b):
+    from tracer.corpus import compare_datasets
+
+    return compare_datasets(a, b)
+
+
+def test_compare_different_prompts_named(tmp_path):
+    write_synthetic(tmp_path / "a")
+    write_synthetic(tmp_path / "b", ids=("a", "b", "x", "d"))
+    with pytest.raises(CorpusError, match="prompt id 'c' is only in A"):
+        tracer_compare(tmp_path / "a", tmp_path / "b")
+
+
+def test_compare_html_escapes_and_keeps_chinese(tmp_path, capsys):
+    prompts = ["<script>alert(1)</script>", "中文提示", "c", "d"]
+    write_synthetic(tmp_path / "a", prompts=prompts)
+    write_synthetic(tmp_path / "b", seeds=(3, 4), prompts=prompts)
+    out = tmp_path / "r.html"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--html", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    assert "<script>" not in page and "&lt;script&gt;" in page and "中文提示" in page
+    assert "identical answers" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ CLI refusals
+@pytest.fixture
+def no_model(monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(tracer.models, "load_model", load_model)
+
+
+def refused(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tracer: error: "), err
+    assert fragment in err[0], err[0]
+
+
+def test_cli_refusals_before_the_model(tmp_path, capsys, no_model):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"id": "a", "prompt": "hi"}\n', encoding="utf-8")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", prompt}\n', encoding="utf-8")
+    refused(capsys, ["run", "--data-file", str(bad), "--dataset", str(tmp_path / "d")], "line 2: not valid JSON")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.csv").write_text("1")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(other)], "holds something else")
+    assert (other / "x.csv").read_text() == "1"
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "d"), "--batch-size", "0"],
+            "--batch-size must be at least 1")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "d"), "--no-trace"],
+            "--no-trace cannot be combined with --dataset")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "d"), "--ray", "--use-vllm"],
+            "--ray with --use-vllm is not supported")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    refused(capsys, ["run", "--data-file", str(chat), "--dataset", str(tmp_path / "d")], "add --with-prompt")
+    # mixed engines: a vLLM dataset is not appended to by generate (and what is there stays)
+    write_synthetic(tmp_path / "v", meta={**META, "engine": "vllm", "schema": "vllm-1"})
+    before = sorted(p.name for p in (tmp_path / "v").rglob("*.parquet"))
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "v")], "holds vllm rows")
+    assert sorted(p.name for p in (tmp_path / "v").rglob("*.parquet")) == before
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------ real model
+PROMPTS = ["What is the capital of France?", "用一句话介绍长城。", "Write a haiku about rain.",
+           "List three prime numbers.", "你好！你是谁？"]
+
+
+@pytest.mark.slow
+def test_traced_batch_equals_untraced_batch(embedded, tmp_path):
+    import torch
+
+    from tracer.corpus.engine import prepare_batch, trace_corpus
+
+    model, tok = embedded
+    ds = trace_corpus(model, tok, PROMPTS, dataset=tmp_path / "ds", batch_size=len(PROMPTS), max_new_tokens=10)
+    _, inputs, kwargs = prepare_batch(model, tok, PROMPTS, chat=None, system=None, max_new_tokens=10)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **kwargs)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    seqs = ds.sequences.set_index("prompt_id")
+    stops = set(kwargs["eos_token_id"])
+    for b in range(len(PROMPTS)):
+        ids = list(seqs.token_ids[str(b)])
+        assert ids == new[b][:len(ids)]
+        rest = new[b][len(ids):]
+        assert all(t == tok.pad_token_id for t in rest) and (not rest or ids[-1] in stops)
+    # multibyte-safe texts: the tokens' texts joined are the decoded answer
+    steps = ds.steps
+    for pid in ("1", "4"):
+        rows = steps[steps.prompt_id == pid].sort_values("step")
+        shown = "".join(rows.token_text)
+        assert "".join(rows.decoded).replace("<|im_end|>", "") == tok.decode(list(seqs.token_ids[pid]), skip_special_tokens=True)
+    assert any(ord(c) > 0x1F000 for c in shown)  # the answer to prompt 4 is emoji, shown whole
+    assert "\ufffd" not in shown  # a byte that never makes a character is shown escaped, not as U+FFFD
+
+
+@pytest.mark.slow
+def test_cli_dataset_resume_and_compare(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}, ensure_ascii=False) + "\n"
+                            for i, p in enumerate(PROMPTS[:4])), encoding="utf-8")
+    short = tmp_path / "first.jsonl"
+    short.write_text("".join(data.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    d = tmp_path / "ds"
+    base = ["run", "--dataset", str(d), "--max-new-tokens", "6", "--batch-size", "2", "--with-prompt"]
+    assert main([*base, "--data-file", str(short)]) == 0
+    first = open_dataset(d).sequences
+    assert list(first.prompt_id) == ["p0", "p1"]
+    assert main([*base, "--data-file", str(data)]) == 0  # resumes: p0, p1 skipped
+    out = capsys.readouterr().out
+    assert "4 prompt(s) (2 new, 2 already there)" in out
+    ds = open_dataset(d)
+    assert sorted(ds.sequences.prompt_id) == ["p0", "p1", "p2", "p3"] and len(ds.parts) == 2
+    # the first two rows are the very rows written by the first run
+    again = ds.sequences.set_index("prompt_id")
+    assert [list(again.token_ids[p]) for p in ("p0", "p1")] == [list(x) for x in first.token_ids]
+    # resuming with other settings is refused, nothing lost
+    assert main([*base[:-3], "--batch-size", "2", "--max-new-tokens", "7", "--with-prompt",
+                 "--data-file", str(data)]) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert len(open_dataset(d)) == 4
+    # a second run with batch size 1 compared with the first
+    d2 = tmp_path / "ds1"
+    assert main(["run", "--dataset", str(d2), "--max-new-tokens", "6", "--batch-size", "1", "--with-prompt",
+                 "--data-file", str(data)]) == 0
+    html = tmp_path / "cmp.html"
+    assert main(["compare", str(d), str(d2), "--html", str(html)]) == 0
+    text = capsys.readouterr().out
+    assert "prompts: 4" in text and html.exists()
+
+
+@pytest.mark.slow
+def test_killed_run_keeps_finished_batches(tmp_path):
+    """SIGKILL after the first batch is written: that part is readable, a rerun finishes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(PROMPTS[:4]) + "\n", encoding="utf-8")
+    d = tmp_path / "ds"
+    argv = [sys.executable, "-m", "tracer", "run", "--data-file", str(data), "--dataset", str(d),
+            "--batch-size", "1", "--max-new-tokens", "24"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            if "prompt(s) written" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    kept = open_dataset(d)
+    assert 1 <= len(kept) < 4 and set(kept.sequences.prompt_id) <= {"1", "2", "3", "4"}
+    assert len(kept.steps) == int(kept.sequences.num_tokens.sum())
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=300).returncode == 0
+    assert sorted(open_dataset(d).sequences.prompt_id) == ["1", "2", "3", "4"]

@@ -1,0 +1,174 @@
+"""Command line of the corpus layer: ``tracer run --dataset DIR`` and ``tracer compare DIR_A DIR_B``.
+
+``tracer.cli.run`` and ``tracer.analysis.cli`` dispatch here early; everything that can be
+checked without the model (options, the data file, the dataset folder and its engine) is
+checked before the model loads, and each failure is one ``tracer: error:`` line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cli.common import CliError, Interrupted, shown
+from .data import CorpusError, PromptItem, as_items, read_data_file
+from .dataset import check_dataset_folder, open_dataset
+
+__all__ = ["add_run_options", "cmd_run_corpus", "cmd_compare_corpus"]
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """The corpus options of ``tracer run`` (one group)."""
+    g = run.add_argument_group("corpus (a whole prompt set into one dataset)")
+    g.add_argument("--dataset", type=Path, default=None, metavar="DIR",
+                   help="write a Parquet corpus dataset (sequences + steps tables); resumes: prompt ids "
+                   "already there are skipped. --data-file may be JSONL with 'id' and 'prompt' or 'messages'")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per left-padded generate batch (default: 8)")
+    g.add_argument("--ray", action="store_true",
+                   help="shard the prompts over a Ray cluster (RAY_ADDRESS, else a local one) with Ray Data")
+    g.add_argument("--ray-workers", type=int, default=2, help="model replicas (Ray actors) with --ray (default: 2)")
+
+
+def _items(args: argparse.Namespace) -> list[PromptItem]:
+    from ..cli.common import DEFAULT_PROMPTS
+
+    if args.data_file is not None:
+        return read_data_file(args.data_file)
+    return as_items([(str(i + 1), p) for i, p in enumerate(DEFAULT_PROMPTS)])
+
+
+def validate(args: argparse.Namespace) -> list[PromptItem]:
+    """Every check possible before the model loads; returns the prompts."""
+    from ..cli.run import apply_preset
+    from ..cli.validation import check_device, check_generation, check_output_folder
+
+    apply_preset(args)
+    for flag, on in (("--interactive", args.interactive), ("--multi-turn", args.multi_turn),
+                     ("--no-trace", args.no_trace), ("--predictions-file", args.predictions_file is not None)):
+        if on:
+            raise CliError(f"{flag} cannot be combined with --dataset (the dataset holds every answer)")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.ray and args.ray_workers < 1:
+        raise CliError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    if args.ray and args.use_vllm:
+        raise CliError("--ray with --use-vllm is not supported: vLLM shards itself (see docs/corpus.md)")
+    if args.load_in_4bit and args.load_in_8bit:
+        raise CliError("choose one of --load-in-4bit and --load-in-8bit")
+    if args.system is not None and not args.with_prompt:
+        if "system" in args.explicit:
+            raise CliError("--system applies to the chat template: add --with-prompt")
+        args.system = None
+    check_generation(args)
+    check_device(args.device)
+    for mod, extra in (("pyarrow", "corpus"), ("duckdb", "corpus")) + ((("ray", "ray"),) if args.ray else ()):
+        try:
+            __import__(mod)
+        except ImportError:
+            raise CliError(f"--dataset needs {mod}: pip install 'tracer[{extra}]'") from None
+    items = _items(args)
+    if not args.with_prompt and any(not isinstance(it.prompt, str) for it in items):
+        first = next(it for it in items if not isinstance(it.prompt, str))
+        raise CliError(f"prompt {first.id!r} (line {first.line}) holds chat messages: add --with-prompt")
+    old = check_dataset_folder(args.dataset)
+    engine = "vllm" if args.use_vllm else "transformers"
+    if old is not None and old.get("engine") != engine:
+        raise CliError(f"dataset {shown(args.dataset)} holds {old.get('engine')} rows (schema {old.get('schema')}); "
+                       f"this run would add {engine} rows: use another folder")
+    if args.trace_dir is not None:
+        check_output_folder(args.trace_dir, "--trace-dir")
+    return items
+
+
+def cmd_run_corpus(args: argparse.Namespace) -> int:
+    try:
+        items = validate(args)
+    except CorpusError as exc:
+        raise CliError(str(exc)) from None
+    done_before = 0
+    if (args.dataset / "corpus.json").exists():
+        done_before = len(open_dataset(args.dataset))
+    start = time.perf_counter()
+    counter = {"n": 0}
+
+    def on_batch(n: int, secs: int) -> None:
+        counter["n"] += n
+        print(f"tracer: {counter['n']} prompt(s) written to {shown(args.dataset)}", file=sys.stderr, flush=True)
+
+    def saved() -> str:
+        try:
+            n = len(open_dataset(args.dataset))
+        except Exception:  # noqa: BLE001
+            return ""
+        return f"{n} prompt(s) are saved in {shown(args.dataset)}"
+
+    try:
+        if args.use_vllm:
+            from .vllm_engine import run_vllm_corpus
+
+            ds = run_vllm_corpus(args, items, on_batch=on_batch)
+        elif args.ray or os.environ.get("RAY_ADDRESS"):
+            from .ray_engine import trace_corpus_ray
+
+            ds = trace_corpus_ray(items, dataset=args.dataset, load=_load_spec(args), workers=args.ray_workers,
+                                  batch_size=args.batch_size, chat=args.with_prompt, system=args.system,
+                                  seed=args.seed, record=_record(args), trace_dir=args.trace_dir,
+                                  on_batch=on_batch, **_settings(args))
+        else:
+            from ..cli.run import Runner
+            from .engine import trace_corpus
+
+            runner = Runner(args)
+            ds = trace_corpus(runner.model, runner.tokenizer, items, dataset=args.dataset,
+                              batch_size=args.batch_size, chat=args.with_prompt, system=args.system,
+                              seed=args.seed, record=_record(args), trace_dir=args.trace_dir,
+                              on_batch=on_batch, **runner.settings)
+    except KeyboardInterrupt:
+        raise Interrupted(saved()) from None
+    except (CliError, CorpusError) as exc:
+        raise CliError(f"{exc}{'; ' + saved() if counter['n'] else ''}") from None
+    except Exception as exc:  # noqa: BLE001 - one line, and say what is kept
+        raise CliError(f"{type(exc).__name__}: {exc}{'; ' + saved() if counter['n'] else ''}") from exc
+    total = len(ds)
+    print(f"dataset {shown(args.dataset)}: {total} prompt(s) ({total - done_before} new, {done_before} already there), "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    return 0
+
+
+def _record(args: argparse.Namespace):
+    from ..config import RecordConfig
+
+    return RecordConfig(attention=args.record_attention)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    from ..cli.run import generation_settings
+
+    return generation_settings(args)
+
+
+def _load_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """``tracer.load_model`` keyword arguments a Ray actor loads its replica with."""
+    return dict(path=args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn_implementation,
+                load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, tokenizer=args.tokenizer)
+
+
+def cmd_compare_corpus(args: argparse.Namespace) -> int:
+    from .compare import compare_datasets
+
+    for path in (args.a, args.b):
+        if not Path(path).is_dir() or not (Path(path) / "corpus.json").is_file():
+            raise CliError(f"{shown(path)} is not a corpus dataset: compare two datasets, or two traces")
+    try:
+        result = compare_datasets(args.a, args.b)
+    except CorpusError as exc:
+        raise CliError(str(exc)) from None
+    print(result.text())
+    if args.html is not None:
+        args.html.parent.mkdir(parents=True, exist_ok=True)
+        result.to_html(args.html)
+        print(f"wrote {shown(args.html)}")
+    return 0
