@@ -27,6 +27,7 @@ _LAZY = {
     "load_trace": ("storage", "load_trace"),
     "save_trace": ("storage", "save_trace"),
     "vllm_generate": ("backends.vllm", "vllm_generate"),
+    "llamacpp_generate": ("backends.llamacpp", "llamacpp_generate"),
     "viz": ("viz", None),
     "compare": ("analysis", "compare"),
     "replay": ("analysis", "replay"),
