@@ -218,7 +218,8 @@ class _Sampler:
             raise RuntimeError(f"the sampler chain has {self.n} samplers, expected {len(spec)}")
         self.members = [lc.llama_sampler_chain_get(self.ptr, i) for i in range(self.n)]
         names = [lc.llama_sampler_name(m).decode() for m in self.members]
-        self.spec = [(n, p) for n, (_, p) in zip(names, spec)]
+        # llama.cpp names a sampler "?name" when its settings make it a no-op
+        self.spec = [(n.lstrip("?"), {**p, "active": not n.startswith("?")}) for n, (_, p) in zip(names, spec)]
         self.buf = np.zeros(vocab, _DATA)
         self.buf["id"] = np.arange(vocab, dtype=np.int32)
         self.vocab = vocab

@@ -165,6 +165,30 @@ def stages_of(step: StepCapture, vocab: int, top_k: int) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
+def mt19937_uniforms(seed: int, n: int) -> np.ndarray:
+    """The first ``n`` draws of ``std::uniform_real_distribution<double>(0, 1)`` on a
+    ``std::mt19937(seed)`` (libstdc++'s ``generate_canonical``: two 32-bit outputs per draw),
+    as llama.cpp's ``dist`` sampler makes them, one per step."""
+    bg = np.random.MT19937()
+    bg._legacy_seeding(int(seed) & 0xFFFFFFFF)  # init_genrand(seed), as std::mt19937(seed)
+    raw = bg.random_raw(2 * n).astype(np.float64).reshape(n, 2)
+    u = (raw[:, 0] + raw[:, 1] * 2.0**32) / 2.0**64
+    return np.where(u >= 1.0, np.nextafter(1.0, 0.0), u)
+
+
+def dist_pick(ids: np.ndarray, logits: np.ndarray, u: float) -> int:
+    """The token llama.cpp's ``dist`` sampler picks from the candidates ``ids``/``logits`` (in
+    the array's order: best first after top-k) with the uniform draw ``u``: float32
+    ``expf(logit - max)``, a double running sum, the first index reaching ``u × total``."""
+    logits = np.asarray(logits, np.float32)
+    keep = np.isfinite(logits)
+    ids, logits = np.asarray(ids)[keep], logits[keep]
+    p = np.exp(logits - logits.max()).astype(np.float32).astype(np.float64)
+    run = np.cumsum(p)
+    i = int(np.searchsorted(run, run[-1] * u, side="left"))
+    return int(ids[min(i, len(ids) - 1)])
+
+
 # --------------------------------------------------------------------------------------------
 # The trace
 # --------------------------------------------------------------------------------------------
