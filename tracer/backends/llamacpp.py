@@ -399,7 +399,7 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token) 
         vocab = llm._model.vocab
         try:
             while True:
-                before = _kv_cells(lc, llm)
+                before = int(llm.n_tokens)  # n_past: eval drops the cells from here on first
                 t0 = time.perf_counter()
                 llm.eval(tokens)
                 t1 = time.perf_counter()
