@@ -11,7 +11,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 import tracer  # noqa: E402
-from tracer.backends.llamacpp import default_gguf, llamacpp_generate  # noqa: E402
+from tracer.backends.llamacpp import default_gguf, llamacpp_complete, llamacpp_generate  # noqa: E402
 from tracer.backends.llamacpp_cli import prompt_ids  # noqa: E402
 from tracer.backends.llamacpp_convert import dist_pick, mt19937_uniforms  # noqa: E402
 
@@ -80,6 +80,9 @@ def test_seeded_sampling_equals_untraced_and_each_sampler_reproduces_the_pick(ll
     plain = llm.create_completion(prompt, seed=1234, max_tokens=40, **SAMPLED)
     assert tr.generated_text[0] == plain["choices"][0]["text"]
     assert tr.num_steps == plain["usage"]["completion_tokens"]  # create_completion's multi-byte rule included
+    llm.reset()
+    [lean] = llamacpp_complete(llm, prompt, seed=1234, max_tokens=40, **SAMPLED)
+    assert lean.tokens == tr.generated_ids().tolist() and lean.text == tr.generated_text[0]
     kw = {("temp" if k == "temperature" else k): v for k, v in SAMPLED.items()}
     assert tr.generated_ids().tolist() == _untraced_tokens(llm, prompt, tr.num_steps, seed=1234, **kw)
     names = [s.name for s in tr.steps[0].stages]

@@ -91,6 +91,11 @@ def test_run_writes_traces_and_matches_create_completion(tmp_path, capsys):
     plain = llm.create_completion(ids, temperature=0.0, max_tokens=8)["choices"][0]["text"]
     llm.close()
     assert row["Output"] == plain.strip() == "L'Étoile, la Cit"  # 8 tokens end inside 'é'
+    # --no-trace: the same loop without recording, the same answer
+    plain_preds = tmp_path / "plain.json"
+    assert main(["run", "--engine", "llama.cpp", "--with-prompt", "--max-new-tokens", "8", "--data-file", str(data),
+                 "--no-trace", "--predictions-file", str(plain_preds)]) == 0
+    assert json.loads(plain_preds.read_text(encoding="utf-8"))[0]["Output"] == row["Output"]
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ import ctypes
 import random
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,7 +53,7 @@ ORDERS = ("llama.cpp", "transformers")
 _DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 _EOG: "weakref.WeakKeyDictionary[Any, tuple[int, ...]]" = weakref.WeakKeyDictionary()
 
-__all__ = ["llamacpp_generate", "engine_facts", "check_record", "import_llama_cpp", "LlamaCppNotInstalledError",
+__all__ = ["llamacpp_generate", "llamacpp_complete", "Completion", "engine_facts", "check_record", "import_llama_cpp", "LlamaCppNotInstalledError",
            "INSTALL_HINT", "NOT_RECORDED", "default_gguf"]
 
 
@@ -316,6 +317,25 @@ def llamacpp_generate(
     longest prefix already evaluated (as ``create_completion`` does; ``trace.cache.reused_len``
     says how many).  Sampling settings are ``create_completion``'s (see the module doc);
     ``on_token(step, token_id)`` is called after each step (progress)."""
+    return _generate(llm, prompts, record=record, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, stop=stop, seed=seed,
+                     order=order, penalty_last_n=penalty_last_n, penalize_prompt=penalize_prompt,
+                     prompt_texts=prompt_texts, on_token=on_token, traced=True)
+
+
+def llamacpp_complete(llm: Any, prompts: Any, **settings: Any) -> list[Completion]:
+    """:func:`llamacpp_generate`'s run without recording (the same loop, the same tokens; no
+    snapshots, no row copies): one :class:`Completion` per prompt (``tracer run --no-trace``)."""
+    return _generate(llm, prompts, traced=False, **settings)
+
+
+def _generate(llm: Any, prompts: Any, *, record: RecordConfig | None = None, max_tokens: int | None = 16,
+              temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+              typical_p: float = 1.0, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+              presence_penalty: float = 0.0, stop: Any = None, seed: int | None = None, order: str = "llama.cpp",
+              penalty_last_n: int | None = None, penalize_prompt: bool = False, prompt_texts: Any = None,
+              on_token: Any = None, traced: bool = True) -> list[Any]:
     lc = import_llama_cpp()
     record = record or RecordConfig()
     check_record(record)
@@ -336,7 +356,7 @@ def llamacpp_generate(
             "stop": list(stops), "order": order, "penalize_prompt": bool(penalize_prompt),
             "penalty_last_n": int(llm.last_n_tokens_size if penalty_last_n is None else penalty_last_n),
         }
-        traces.append(_run(lc, llm, ids, text, settings, seed, record, facts, on_token))
+        traces.append(_run(lc, llm, ids, text, settings, seed, record, facts, on_token, traced))
     return traces
 
 
@@ -368,7 +388,7 @@ def _reuse_prefix(llm: Any, tokens: list[int]) -> tuple[list[int], int]:
     return tokens, reused
 
 
-def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token) -> Trace:
+def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, traced=True) -> Any:
     n_ctx = int(llm.n_ctx())
     if len(prompt) >= n_ctx:
         raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {n_ctx}")
@@ -381,7 +401,7 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token) 
     settings = {**settings, "seed": int(llm._seed), "max_tokens": int(max_tokens)}
     chain, spec = build_chain(llm, settings)
     try:
-        sampler = _Sampler(lc, chain, spec, int(llm.n_vocab()), traced=True)
+        sampler = _Sampler(lc, chain, spec, int(llm.n_vocab()), traced=traced)
         if settings["penalize_prompt"]:
             for t in prompt:
                 lc.llama_sampler_accept(chain.sampler, int(t))
@@ -403,12 +423,15 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token) 
                 t0 = time.perf_counter()
                 llm.eval(tokens)
                 t1 = time.perf_counter()
-                raw = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm.ctx, -1), shape=(sampler.vocab,)).copy()
+                raw = np.ctypeslib.as_array(lc.llama_get_logits_ith(llm.ctx, -1), shape=(sampler.vocab,))
+                if traced:
+                    raw = raw.copy()
                 token, snaps = sampler.sample(raw)
                 t2 = time.perf_counter()
-                captures.append(StepCapture(fed=list(tokens), cache_len_before=before, kv_cells=_kv_cells(lc, llm),
-                                            raw=raw, snapshots=snaps, chosen=token,
-                                            selector=spec[-1][0], eval_s=t1 - t0, sample_s=t2 - t1))
+                captures.append(StepCapture(fed=list(tokens), cache_len_before=before,
+                                            kv_cells=_kv_cells(lc, llm) if traced else 0, raw=raw if traced else None,
+                                            snapshots=snaps, chosen=token, selector=spec[-1][0], eval_s=t1 - t0,
+                                            sample_s=t2 - t1))
                 if on_token is not None:
                     on_token(len(captures) - 1, token)
                 tokens = [token]
@@ -435,14 +458,31 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token) 
                     text = llm.detokenize(completion, prev_tokens=prompt)
                     break
         except KeyboardInterrupt:
+            if not traced:
+                raise
             status, reason = "interrupted", None
             text = llm.detokenize(completion, prev_tokens=prompt)
             raise _Interrupted(_finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces,
                                        record, reused, start, status, error)) from None
+        if not traced:
+            return Completion([c.chosen for c in captures], bytes(text).decode("utf-8", errors="ignore"), reason,
+                              time.perf_counter() - start, reused)
         return _finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces, record, reused,
                        start, status, error)
     finally:
         chain.close()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """An untraced run (:func:`llamacpp_complete`): the tokens chosen (a final end-of-generation
+    token included), the text as ``create_completion`` returns it, why it stopped."""
+
+    tokens: list[int]
+    text: str
+    stop_reason: StopReason
+    time_s: float
+    reused: int
 
 
 class _Interrupted(KeyboardInterrupt):

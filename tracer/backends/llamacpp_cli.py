@@ -122,7 +122,10 @@ def cmd_run_llamacpp(args: Any) -> int:
             raise CliError("--with-prompt: this tokenizer has no chat template")
         settings = sampling_settings(args)
         writer.write_generation_config({"engine": "llama.cpp", "gguf": str(gguf), **settings})
-        run_prompts(llm, tokenizer, args, prompts, settings, emit, where)
+        try:
+            run_prompts(llm, tokenizer, args, prompts, settings, emit, where)
+        finally:
+            llm.close()
     except KeyboardInterrupt:
         _print_summary(writer)
         done = f"{len(writer.results)} answer(s) finished"
@@ -164,7 +167,7 @@ def run_prompts(llm: Any, tokenizer: Any, args: Any, prompts: Iterable[str], set
         result.notes[:0] = notes
         if args.multi_turn:
             # the answer as generated (not stripped), so that re-rendering it gives the same tokens
-            new = [int(t) for t in trace.generated_ids()]
+            new = list(result.token_ids)
             messages.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
         emit(index, result)
 
@@ -174,9 +177,15 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
     from tracer import RecordConfig
     from tracer.cli.outputs import save_trace_files
 
-    from .llamacpp import _Interrupted, llamacpp_generate
+    from .llamacpp import _Interrupted, llamacpp_complete, llamacpp_generate
 
     start = time.perf_counter()
+    if args.no_trace:  # the same loop, nothing recorded
+        [done] = llamacpp_complete(llm, [ids], **settings)
+        text = done.text.strip().rstrip("\ufffd")
+        notes = [f"llama.cpp KV cache: {done.reused} of {len(ids)} prompt tokens reused"] if args.multi_turn else []
+        return Result(prompt, text, len(done.tokens), str(done.stop_reason), done.time_s, notes=notes,
+                      token_ids=tuple(done.tokens)), done
     try:
         [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], **settings)
     except _Interrupted as exc:
@@ -191,8 +200,8 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
     if args.multi_turn:
         notes.append(f"llama.cpp KV cache: {info['reused_tokens']} of {len(ids)} prompt tokens reused, "
                      f"{info['evaluated_prompt_tokens']} evaluated")
-    result = Result(prompt, text, len(new), str(trace.stop_reasons[0]), elapsed if args.no_trace else
-                    trace.total_time_s, notes=notes, token_ids=tuple(new))
-    if args.trace_dir is not None and not args.no_trace:
+    result = Result(prompt, text, len(new), str(trace.stop_reasons[0]), trace.total_time_s or elapsed, notes=notes,
+                    token_ids=tuple(new))
+    if args.trace_dir is not None:
         result.notes += save_trace_files(trace, Path(args.trace_dir) / name)
     return result, trace
