@@ -198,8 +198,8 @@ ARGMAX_AGREEMENT = 0.9
 
 
 @pytest.fixture(scope="module")
-def hf():
-    return tracer.load_model()
+def hf(embedded):
+    return embedded
 
 
 def test_greedy_against_generate_on_the_same_weights(llm, ids, hf):

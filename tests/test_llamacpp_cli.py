@@ -117,3 +117,22 @@ def test_multi_turn_reuses_the_evaluated_prefix(tmp_path, monkeypatch, capsys):
     assert second.steps[0].inputs.cache_len_before == evaluated0
     assert f"{evaluated0} of {second.prompt_len} prompt tokens reused" in out.err
     assert "Hello! How can I assist you today?" in out.out
+
+
+@pytest.mark.slow
+def test_compare_cli_between_the_engines(tmp_path, embedded, monkeypatch, capsys):
+    pytest.importorskip("llama_cpp")
+    import tracer.models
+
+    monkeypatch.setattr(tracer.models, "load_model", lambda *a, **k: embedded)
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\n", encoding="utf-8")
+    for engine in ("transformers", "llama.cpp"):
+        assert main(["run", "--engine", engine, "--with-prompt", "--max-new-tokens", "4", "--data-file", str(data),
+                     "--trace-dir", str(tmp_path / engine)]) == 0
+    capsys.readouterr()
+    a, b = (str(tmp_path / e / "prompt_000.trace") for e in ("transformers", "llama.cpp"))
+    assert main(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "[transformers, stage 0 (logits)]" in out and "[llama.cpp, stage 0 (logits)]" in out
+    assert "sequence 0: first divergence at step 0" in out  # the near-tie: "The" vs "L"
