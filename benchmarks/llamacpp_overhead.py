@@ -11,7 +11,9 @@
    (create_completion's defaults: 7 samplers, seed fixed).  The machine is shared and loaded,
    so the variants run back to back per prompt (their order rotating), and the figure is the
    median over (round, prompt) of the paired ratio traced / untraced (a slow minute slows
-   both sides of a pair); medians of the per-round totals are reported too.  Target: <= 1.10x.
+   both sides of a pair), in wall time and in the process's CPU time (llama.cpp runs on the
+   calling thread with ``n_threads=1``, so CPU time counts the work, not the waiting for a
+   core); medians of the per-round totals are reported too.  Target: <= 1.10x.
 2. Speed: new tokens per second of llama.cpp (untraced, above) and of HF ``model.generate``
    (fp32, batch 1, greedy, 1 thread, the same prompts and the same number of new tokens, forced
    with ``min_new_tokens``), interleaved in the same rounds; vLLM's figure is read from
@@ -85,6 +87,7 @@ def main() -> None:
     modes = {"greedy": {"temperature": 0.0}, "sampled": SAMPLED}
     times = {m: {v: [] for v in variants} for m in modes}
     pairs = {m: {"traced": [], "tracer_loop_unrecorded": []} for m in modes}
+    cpu_pairs = {m: {"traced": [], "tracer_loop_unrecorded": []} for m in modes}
     tokens = {m: {v: 0 for v in variants} for m in modes}
     hf_times: list[float] = []
     hf_tokens = 0
@@ -100,16 +103,18 @@ def main() -> None:
         hf_total = 0.0
         for ids in prompts:
             for mode, kw in modes.items():
-                texts, took = {}, {}
+                texts, took, cpu = {}, {}, {}
                 for v in order:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     texts[v], count = variants[v](ids, kw)
                     took[v] = time.perf_counter() - t0
+                    cpu[v] = time.process_time() - c0
                     totals[mode][v] += took[v]
                     if r == 0:
                         tokens[mode][v] += count
                 for v in pairs[mode]:
                     pairs[mode][v].append(round(took[v] / took["untraced"], 4))
+                    cpu_pairs[mode][v].append(round(cpu[v] / cpu["untraced"], 4))
                 assert len(set(texts.values())) == 1, f"the variants differ: {texts}"
             t0 = time.perf_counter()
             _, count = hf(ids, {})
@@ -131,6 +136,10 @@ def main() -> None:
         "gguf": default_gguf().name, "prompts": len(prompts), "max_tokens": n, "rounds": args.rounds,
         "record_top_k": record.top_k, "times_s": times, "median_s": med, "tokens": tokens,
         "paired_ratios": pairs,
+        "paired_cpu_ratios": cpu_pairs,
+        "traced_over_untraced_cpu": {m: round(statistics.median(cpu_pairs[m]["traced"]), 3) for m in modes},
+        "tracer_loop_over_untraced_cpu": {m: round(statistics.median(cpu_pairs[m]["tracer_loop_unrecorded"]), 3)
+                                          for m in modes},
         "traced_over_untraced": {m: round(statistics.median(pairs[m]["traced"]), 3) for m in modes},
         "tracer_loop_over_untraced": {m: round(statistics.median(pairs[m]["tracer_loop_unrecorded"]), 3)
                                       for m in modes},
@@ -151,6 +160,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("traced_over_untraced", "tracer_loop_over_untraced",
+                                             "traced_over_untraced_cpu", "tracer_loop_over_untraced_cpu",
                                              "llamacpp_untraced_tok_per_s", "llamacpp_traced_tok_per_s",
                                              "generate_tok_per_s", "llamacpp_over_generate")}, indent=1))
 

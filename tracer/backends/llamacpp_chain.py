@@ -85,8 +85,9 @@ class Sampler:
         names = [lc.llama_sampler_name(m).decode() for m in self.members]
         # llama.cpp names a sampler "?name" when its settings make it a no-op
         self.spec = [(n.lstrip("?"), {**p, "active": not n.startswith("?")}) for n, (_, p) in zip(names, spec)]
-        self.buf = np.zeros(vocab, _DATA)
-        self.buf["id"] = np.arange(vocab, dtype=np.int32)
+        self.buf = np.zeros(vocab, _DATA)  # the token-data array (kept alive with the pointer below)
+        self.ids = np.arange(vocab, dtype=np.int32)
+        self.data_p = self.buf.ctypes.data_as(lc.llama_token_data_p)
         self.vocab = vocab
         self.array = lc.llama_token_data_array()
         self.array_p = ctypes.pointer(self.array)
@@ -103,9 +104,9 @@ class Sampler:
         lc, buf = self.lc, self.buf
         buf["logit"] = logits
         buf["p"] = 0.0
-        buf["id"] = np.arange(self.vocab, dtype=np.int32)
+        buf["id"] = self.ids  # samplers sort and truncate in place: refill all three fields
         arr = self.array
-        arr.data = buf.ctypes.data_as(lc.llama_token_data_p)
+        arr.data = self.data_p
         arr.size = self.vocab
         arr.selected = -1
         arr.sorted = False
