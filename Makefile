@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 export TRACER_CACHE_DIR ?= $(CURDIR)/.cache/tracer
 
 .PHONY: venv venv-vllm demo test test-vllm bench bench-vllm browser notebooks
+.PHONY: venv-llamacpp bench-llamacpp
 
 venv: $(STAMP)
 
@@ -38,12 +39,28 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_BIN)/python -c "import torch, transformers, vllm; assert torch.__version__.endswith('+cpu'), torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(VLLM_STAMP)
 
+# llama.cpp's bindings (the `llamacpp` extra) in .venv: source only on PyPI, so pip builds llama.cpp
+# (gcc, g++, cmake): 6 min 41 s here on 2 cores with other work running; later installs on the same
+# machine take seconds from pip's wheel cache.  Their tests (tests/test_llamacpp*.py) skip without it.
+LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
+
+venv-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/python -m pip install -e '.[llamacpp]'
+	$(BIN)/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $(LLAMACPP_STAMP)
+
+bench-llamacpp: venv-llamacpp
+	$(BIN)/python benchmarks/llamacpp_overhead.py
+	$(BIN)/python benchmarks/llamacpp_compare.py
+
 demo: venv
 	$(BIN)/tracer run --with-prompt --max-new-tokens 48 --progress --trace-dir runs/demo --predictions-file runs/demo/predictions.json
 
 # The main suite (vLLM tests skip there), then the vLLM environment: the vLLM tests and the fast
 # tier again on the lowest transformers the project supports (5.19 there).
-test: venv venv-vllm
+test: venv venv-vllm venv-llamacpp
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-vllm
 

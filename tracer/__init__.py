@@ -29,6 +29,7 @@ _LAZY = {
     "vllm_generate": ("backends.vllm", "vllm_generate"),
     "BeamTrace": ("beam_records", "BeamTrace"),
     "AssistedTrace": ("assisted_records", "AssistedTrace"),
+    "llamacpp_generate": ("backends.llamacpp", "llamacpp_generate"),
     "viz": ("viz", None),
     "compare": ("analysis", "compare"),
     "replay": ("analysis", "replay"),

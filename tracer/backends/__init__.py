@@ -2,6 +2,8 @@
 
 ``tracer.backends.vllm``: :func:`vllm_generate` turns vLLM's ``LLM.generate`` outputs into traces
 (vLLM itself is imported only when a function that needs it is called).
+``tracer.backends.llamacpp``: :func:`llamacpp_generate` drives llama.cpp (``llama-cpp-python``)
+and records each sampler of its chain; ``llamacpp_convert`` builds the records without it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ _LAZY = {
     "prompt_logprobs": ("vllm", "prompt_logprobs"),
     "VLLMNotInstalledError": ("vllm", "VLLMNotInstalledError"),
     "engine_facts": ("vllm", "engine_facts"),
+    "llamacpp_generate": ("llamacpp", "llamacpp_generate"),
+    "LlamaCppNotInstalledError": ("llamacpp", "LlamaCppNotInstalledError"),
 }
 
 __all__ = list(_LAZY)

@@ -72,6 +72,9 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     src.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA only)")
     src.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA only)")
     src.add_argument("--use-vllm", action="store_true", help=f"generate with vLLM (needs the vllm extra: {VLLM_HINT})")
+    src.add_argument("--engine", choices=("transformers", "llama.cpp"), default="transformers",
+                     help="llama.cpp: run the GGUF file on llama.cpp (needs: pip install 'tracer[llamacpp]')")
+    src.add_argument("--gguf", type=Path, default=None, help="GGUF file for --engine llama.cpp (default: the embedded one)")
 
     io = run.add_argument_group("prompts and outputs")
     io.add_argument("--data-file", type=Path, default=None, help="UTF-8 file with one prompt per line")
@@ -200,6 +203,12 @@ def _vllm_backend() -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if getattr(args, "dataset", None) is not None and getattr(args, "engine", "transformers") == "llama.cpp":
+        raise CliError("--dataset runs the transformers or vLLM engine; --engine llama.cpp traces one prompt at a time (no corpus yet)")
+    if getattr(args, "engine", "transformers") == "llama.cpp":
+        return importlib.import_module("tracer.backends.llamacpp_cli").cmd_run_llamacpp(args)
+    if getattr(args, "gguf", None) is not None:
+        raise CliError("--gguf is for --engine llama.cpp (the transformers path takes a .gguf file as --model)")
     if getattr(args, "dataset", None) is not None:  # a whole prompt set into one dataset
         from tracer.corpus.cli import cmd_run_corpus
 

@@ -1,0 +1,229 @@
+"""llama.cpp traced on the embedded GGUF: equal to untraced runs, each sampler's recorded effect,
+stop reasons, KV cache, prefix reuse, and the comparison with ``generate`` on the same weights.
+
+Skips without llama-cpp-python (``make venv`` installs it: ``pip install '.[llamacpp]'``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+import tracer  # noqa: E402
+from tracer.backends.llamacpp import default_gguf, llamacpp_complete, llamacpp_generate  # noqa: E402
+from tracer.backends.llamacpp_cli import prompt_ids  # noqa: E402
+from tracer.backends.llamacpp_convert import dist_pick, mt19937_uniforms  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SEED_PROMPTS = ["为什么要减少污染，保护环境？", "你有什么建议？"]
+FRANCE = "What is the capital of France?"
+HI = "Hi!"  # llama.cpp answers in 10 tokens, the last <|im_end|>
+#: create_completion's sampling, penalties on (the seeded runs)
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, frequency_penalty=0.2,
+               presence_penalty=0.3)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    model = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=1, seed=7, verbose=False)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tracer.models import embedded_model_path
+
+    return tracer.load_tokenizer(str(embedded_model_path()))
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return {p: prompt_ids(tok, p, chat=True, system=None)[1] for p in [*SEED_PROMPTS, FRANCE, HI]}
+
+
+def _untraced_tokens(llm, prompt, n, seed=None, **kw):
+    """``Llama.generate``'s first ``n`` tokens from a fresh context (seed as create_completion sets it)."""
+    llm.reset()
+    if seed is not None:
+        llm.set_seed(seed)
+    out = []
+    for t in llm.generate(prompt, **kw):
+        out.append(int(t))
+        if len(out) >= n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("prompt", [SEED_PROMPTS[0], FRANCE])
+def test_greedy_trace_equals_untraced(llm, ids, prompt):
+    llm.reset()
+    [tr] = llamacpp_generate(llm, ids[prompt], temperature=0.0, max_tokens=24)
+    llm.reset()
+    plain = llm.create_completion(ids[prompt], temperature=0.0, max_tokens=24)["choices"][0]
+    assert tr.generated_text[0] == plain["text"] and tr.num_steps == 24 and plain["finish_reason"] == "length"
+    assert tr.generated_ids().tolist() == _untraced_tokens(llm, ids[prompt], 24, temp=0.0)
+    assert tr.prompt_ids[0].tolist() == ids[prompt]
+    assert [s.name for s in tr.steps[0].stages] == ["logits", "penalties"]  # + the greedy selector
+    for step in tr.steps:  # greedy: the chosen token is the final stage's argmax
+        assert step.stages[-1].chosen_rank[0] == 0 and step.stages[-1].top.ids[0, 0] == step.chosen[0]
+        assert not step.sampled
+
+
+def test_seeded_sampling_equals_untraced_and_each_sampler_reproduces_the_pick(llm, ids):
+    prompt = ids[SEED_PROMPTS[0]]
+    llm.reset()
+    [tr] = llamacpp_generate(llm, prompt, record=tracer.RecordConfig(top_k=64), seed=1234, max_tokens=40, **SAMPLED)
+    llm.reset()
+    plain = llm.create_completion(prompt, seed=1234, max_tokens=40, **SAMPLED)
+    assert tr.generated_text[0] == plain["choices"][0]["text"]
+    assert tr.num_steps == plain["usage"]["completion_tokens"]  # create_completion's multi-byte rule included
+    llm.reset()
+    [lean] = llamacpp_complete(llm, prompt, seed=1234, max_tokens=40, **SAMPLED)
+    assert lean.tokens == tr.generated_ids().tolist() and lean.text == tr.generated_text[0]
+    kw = {("temp" if k == "temperature" else k): v for k, v in SAMPLED.items()}
+    assert tr.generated_ids().tolist() == _untraced_tokens(llm, prompt, tr.num_steps, seed=1234, **kw)
+    names = [s.name for s in tr.steps[0].stages]
+    assert names == ["logits", "penalties", "top-k", "typical", "top-p", "min-p", "temp"]
+    assert tr.meta.backend_info["sampling"]["seed"] == 1234 and all(s.sampled for s in tr.steps)
+    # each stage recomputed from the raw row and the history: penalties, top-k, min-p, temperature
+    u = mt19937_uniforms(1234, tr.num_steps)
+    history: list[int] = []
+    for i, step in enumerate(tr.steps):
+        st = {s.name: s for s in step.stages}
+        pen = st["penalties"]
+        counts = {t: history[-64:].count(t) for t in set(history[-64:])}
+        lp_raw = step.stages[0]
+        for tid, val in zip(pen.top.ids[0], pen.top.values[0]):
+            hit = np.flatnonzero(lp_raw.top.ids[0] == tid)
+            if not hit.size:
+                continue
+            x = float(lp_raw.top.values[0, hit[0]])
+            c = counts.get(int(tid), 0)
+            if c:
+                x = x * 1.1 if x <= 0 else x / 1.1
+                x -= c * 0.2 + 0.3
+            assert val == pytest.approx(x, rel=1e-6, abs=1e-6)
+        assert st["top-k"].n_masked[0] == tr.meta.vocab_size - 40
+        kept = st["min-p"].top.values[0][np.isfinite(st["min-p"].top.values[0])]
+        assert kept.min() >= kept.max() + np.log(0.05) - 1e-5  # min-p: p >= 0.05 p_max
+        np.testing.assert_allclose(st["temp"].top.values[0][: kept.size], kept / 0.8, rtol=1e-6)
+        # the final stage and llama.cpp's RNG draw give llama.cpp's token
+        final = step.stages[-1]
+        assert dist_pick(final.top.ids[0], final.top.values[0], u[i]) == step.chosen[0]
+        assert np.isfinite(final.chosen_logprob[0])
+        history.append(int(step.chosen[0]))
+
+
+def test_transformers_order_penalizes_the_prompt(llm, ids):
+    prompt = ids[FRANCE]
+    llm.reset()
+    [tr] = llamacpp_generate(llm, prompt, order="transformers", temperature=0.7, top_k=50, top_p=0.9, min_p=0.0,
+                             repeat_penalty=1.3, penalty_last_n=1024, penalize_prompt=True, seed=3, max_tokens=6,
+                             record=tracer.RecordConfig(top_k=8, full_logits=True))
+    assert [s.name for s in tr.steps[0].stages] == ["logits", "penalties", "temp", "top-k", "top-p"]
+    raw, pen = tr.full_logits(0)[0], tr.steps[0].stages[1]
+    want = raw.copy()
+    seen = sorted(set(prompt))
+    want[seen] = np.where(raw[seen] <= 0, raw[seen] * 1.3, raw[seen] / 1.3)
+    top = np.argsort(-want, kind="stable")[:8]
+    assert pen.top.ids[0].tolist() == top.tolist()
+    np.testing.assert_allclose(pen.top.values[0], want[top], rtol=1e-6)
+    temp = tr.steps[0].stages[2]
+    np.testing.assert_allclose(temp.top.values[0], want[top] / np.float32(0.7), rtol=1e-6)
+
+
+def test_stop_string_eos_and_kv_cache(llm, ids):
+    prompt = ids[FRANCE]
+    llm.reset()
+    [tr] = llamacpp_generate(llm, prompt, temperature=0.0, max_tokens=24, stop=[","])
+    llm.reset()
+    plain = llm.create_completion(prompt, temperature=0.0, max_tokens=24, stop=[","])["choices"][0]
+    assert tr.stop_reasons[0] == "stop_string:," and plain["finish_reason"] == "stop"
+    assert tr.generated_text[0] == plain["text"] == "L'Étoile"
+    # a prompt that ends on <|im_end|> (llama.cpp's end-of-generation token)
+    short = ids[HI]
+    llm.reset()
+    [tr2] = llamacpp_generate(llm, short, temperature=0.0, max_tokens=40)
+    reason = tr2.stop_reasons[0]
+    assert reason.kind == "eos" and reason.token_id in tr2.meta.terminators and reason.text == "<|im_end|>"
+    assert tr2.num_steps == 10 and tr2.generated_text[0] == "Hello! How can I assist you today?"
+    llm.reset()
+    assert tr2.generated_text[0] == llm.create_completion(short, temperature=0.0, max_tokens=40)["choices"][0]["text"]
+    # the KV cache's cell count: the prompt at step 0, then one more token per step
+    cells = tr2.cache.seq_len[:, 0]
+    assert cells[0] == len(short) and np.all(np.diff(cells) == 1) and tr2.cache.reused_len == 0
+    assert [s.inputs.cache_len_before for s in tr2.steps[:3]] == [0, len(short), len(short) + 1]
+    assert tr2.meta.backend_info["timing"]["prefill_s"] > 0 and tr2.total_time_s > 0
+
+
+def test_prefix_reuse_records_reused_and_evaluated(llm, ids):
+    prompt = ids[FRANCE]
+    llm.reset()
+    [a] = llamacpp_generate(llm, prompt, temperature=0.0, max_tokens=4)
+    longer = prompt + a.generated_ids().tolist()[:3] + [11, 28]  # history: prompt, answer so far, more text
+    [b] = llamacpp_generate(llm, longer, temperature=0.0, max_tokens=2)
+    info = b.meta.backend_info
+    assert info["reused_tokens"] == len(prompt) + 3 and b.cache.reused_len == len(prompt) + 3
+    assert info["evaluated_prompt_tokens"] == 2 and b.steps[0].inputs.input_ids.tolist() == [[11, 28]]
+    assert b.steps[0].inputs.cache_len_before == len(prompt) + 3
+
+
+def test_trace_saves_and_views_say_not_recorded(llm, ids, tmp_path):
+    llm.reset()
+    [tr] = llamacpp_generate(llm, ids[FRANCE], temperature=0.0, max_tokens=4)
+    back = tracer.load_trace(tr.save(tmp_path / "lc.trace"))
+    assert back.meta.backend == "llama.cpp" and back.generated_ids().tolist() == tr.generated_ids().tolist()
+    html = back.to_html()
+    assert "not recorded by this backend (llama.cpp)" in html
+    with pytest.raises(tracer.NotSupportedError):
+        llamacpp_generate(llm, ids[FRANCE], record=tracer.RecordConfig(attention=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Held against generate (the same Q4_1 weights, dequantized to fp32 on the transformers side)
+# --------------------------------------------------------------------------------------------
+
+#: Bounds on the teacher-forced comparison (generate fp32 replaying llama.cpp's greedy tokens),
+#: measured over 64 and 128 greedy tokens of three prompts (benchmarks/results/llamacpp_compare.json):
+#: max |Δ log-prob| 0.14-0.37 nats, mean 0.014-0.045, mean KL 0.0012-0.0045, max KL <= 0.071, argmax
+#: agreement 95-100%.  The bounds leave ~1.6x (max) to ~4x (mean) margin for other CPUs; an
+#: off-by-one step or other weights give mean KL > 1 (checked below), far outside them.
+MAX_ABS_DLOGPROB = 0.6
+MEAN_ABS_DLOGPROB = 0.1
+MEAN_KL = 0.02
+ARGMAX_AGREEMENT = 0.9
+
+
+@pytest.fixture(scope="module")
+def hf(embedded):
+    return embedded
+
+
+def test_greedy_against_generate_on_the_same_weights(llm, ids, hf):
+    model, tokenizer = hf
+    record = tracer.RecordConfig(top_k=20, full_logits=True)
+    llm.reset()
+    [lc] = llamacpp_generate(llm, ids[SEED_PROMPTS[0]], record=record, temperature=0.0, max_tokens=32)
+    gen = tracer.trace_generate(model, tokenizer, SEED_PROMPTS[0], chat=True, record=record, max_new_tokens=32,
+                                do_sample=False)
+    assert gen.prompt_ids[0].tolist() == lc.prompt_ids[0].tolist()  # one prompt rule, the same ids
+    rp = tracer.replay(model, tokenizer, lc)
+    assert rp.generated_ids().tolist() == lc.generated_ids().tolist()
+    cmp = tracer.compare(lc, rp)
+    s = cmp.summary()["sequences"][0]
+    assert s["kl_exact"] and s["first_divergence"] is None
+    assert s["max_abs_dlogprob"] <= MAX_ABS_DLOGPROB and s["mean_abs_dlogprob"] <= MEAN_ABS_DLOGPROB
+    assert s["mean_kl"] <= MEAN_KL
+    agree = np.mean([rp.steps[i].stages[0].top.ids[0, 0] == lc.steps[i].chosen[0] for i in range(lc.num_steps)])
+    assert agree >= ARGMAX_AGREEMENT
+    assert s["mean_kl"] > 0  # not bit-equal: llama.cpp quantizes activations to Q8 in its matmuls
+    # the bound can fail: the rows one step apart are far outside it
+    shifted = [cmp.views(0, i)[0].full for i in range(1, 9)], [cmp.views(0, i)[1].full for i in range(8)]
+    kl = np.mean([float(np.sum(np.exp(a) * (a - b))) for a, b in zip(*shifted)])
+    assert kl > 20 * MEAN_KL
+    free = tracer.compare(gen, lc).summary()["sequences"][0]
+    if free["first_divergence"] is not None:  # where they part, each token is in the other's top-k
+        assert free["divergence"]["close"]

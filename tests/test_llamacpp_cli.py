@@ -1,0 +1,138 @@
+"""``tracer run --engine llama.cpp``: refusals and the missing extra before anything loads (fast),
+then real runs on the embedded GGUF (slow; skipped without llama-cpp-python)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+
+import pytest
+
+import tracer
+from tracer.cli import main
+
+
+def _fail_load(*a, **k):
+    raise AssertionError("loaded a model before refusing")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    import tracer.backends.llamacpp_cli as lcli
+
+    monkeypatch.setattr(lcli, "load", _fail_load)
+    return lcli
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--load-in-4bit"], "--load-in-4bit"),
+    (["--attn-implementation", "eager"], "--attn-implementation"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--device", "cuda"], "--device"),
+    (["--record-attention"], "--record-attention"),
+    (["--use-vllm"], "--use-vllm"),
+    (["--model", "x.gguf"], "--model"),
+    (["--tokenizer", "llama-3"], "--tokenizer"),
+])
+def test_refused_flags_one_line(no_load, capsys, flags, says):
+    assert main(["run", "--engine", "llama.cpp", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tracer: error: --engine llama.cpp cannot honour " + says)
+
+
+def test_missing_extra_one_line_before_loading(no_load, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert main(["run", "--engine", "llama.cpp", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'tracer[llamacpp]' (builds llama.cpp from source, ~6 min)" in err[0]
+    assert err[0].startswith("tracer: error: --engine llama.cpp needs llama-cpp-python")
+
+
+def test_gguf_checks(no_load, tmp_path, capsys):
+    assert main(["run", "--gguf", str(tmp_path / "m.gguf")]) == 2
+    assert "--gguf is for --engine llama.cpp" in capsys.readouterr().err
+    assert main(["run", "--engine", "llama.cpp", "--gguf", str(tmp_path / "none.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a .gguf file" in err[0]
+
+
+# ------------------------------------------------------------------------------------------
+# Real runs (the embedded GGUF)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_writes_traces_and_matches_create_completion(tmp_path, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from tracer.backends.llamacpp import default_gguf
+    from tracer.backends.llamacpp_cli import prompt_ids
+    from tracer.models import embedded_model_path
+
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\n", encoding="utf-8")
+    preds = tmp_path / "out" / "predictions.json"
+    code = main(["run", "--engine", "llama.cpp", "--with-prompt", "--max-new-tokens", "8", "--data-file", str(data),
+                 "--trace-dir", str(tmp_path / "traces"), "--predictions-file", str(preds)])
+    assert code == 0, capsys.readouterr().err
+    [row] = json.loads(preds.read_text(encoding="utf-8"))
+    config = json.loads((preds.parent / "generation_config.json").read_text(encoding="utf-8"))
+    assert config["engine"] == "llama.cpp" and config["temperature"] == 0.0 and config["max_tokens"] == 8
+    trace = tracer.load_trace(tmp_path / "traces" / "prompt_000.trace")
+    assert trace.meta.backend == "llama.cpp" and trace.num_steps == 8
+    assert (tmp_path / "traces" / "prompt_000.html").exists()
+    # greedy with no penalty: the same text as untraced create_completion on the same ids
+    tok = tracer.load_tokenizer(str(embedded_model_path()))
+    _, ids = prompt_ids(tok, "What is the capital of France?", chat=True, system=None)
+    assert trace.prompt_ids[0].tolist() == ids
+    llm = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=1024, verbose=False)
+    plain = llm.create_completion(ids, temperature=0.0, max_tokens=8)["choices"][0]["text"]
+    llm.close()
+    assert row["Output"] == plain.strip() == "L'Étoile, la Cit"  # 8 tokens end inside 'é'
+    # --no-trace: the same loop without recording, the same answer
+    plain_preds = tmp_path / "plain.json"
+    assert main(["run", "--engine", "llama.cpp", "--with-prompt", "--max-new-tokens", "8", "--data-file", str(data),
+                 "--no-trace", "--predictions-file", str(plain_preds)]) == 0
+    assert json.loads(plain_preds.read_text(encoding="utf-8"))[0]["Output"] == row["Output"]
+
+
+@pytest.mark.slow
+def test_multi_turn_reuses_the_evaluated_prefix(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi!\nWhat is 2+2?\n\n"))
+    code = main(["run", "--engine", "llama.cpp", "--interactive", "--multi-turn", "--max-new-tokens", "16",
+                 "--trace-dir", str(tmp_path)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    first = tracer.load_trace(tmp_path / "turn_000.trace")
+    second = tracer.load_trace(tmp_path / "turn_001.trace")
+    info = second.meta.backend_info
+    # turn 1 keeps every evaluated token of turn 0 (its prompt and answer, <|im_end|> not yet fed)
+    evaluated0 = first.prompt_len + first.num_steps - 1
+    assert info["reused_tokens"] == evaluated0 == second.cache.reused_len
+    assert second.prompt_ids[0, :evaluated0].tolist() == first.sequences[0, :evaluated0].tolist()
+    assert info["evaluated_prompt_tokens"] == second.prompt_len - evaluated0
+    assert second.steps[0].inputs.cache_len_before == evaluated0
+    assert f"{evaluated0} of {second.prompt_len} prompt tokens reused" in out.err
+    assert "Hello! How can I assist you today?" in out.out
+
+
+@pytest.mark.slow
+def test_compare_cli_between_the_engines(tmp_path, embedded, monkeypatch, capsys):
+    pytest.importorskip("llama_cpp")
+    import tracer.models
+
+    monkeypatch.setattr(tracer.models, "load_model", lambda *a, **k: embedded)
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\n", encoding="utf-8")
+    for engine in ("transformers", "llama.cpp"):
+        assert main(["run", "--engine", engine, "--with-prompt", "--max-new-tokens", "4", "--data-file", str(data),
+                     "--trace-dir", str(tmp_path / engine)]) == 0
+    capsys.readouterr()
+    a, b = (str(tmp_path / e / "prompt_000.trace") for e in ("transformers", "llama.cpp"))
+    assert main(["compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "[transformers, stage 0 (logits)]" in out and "[llama.cpp, stage 0 (logits)]" in out
+    assert "sequence 0: first divergence at step 0" in out  # the near-tie: "The" vs "L"
