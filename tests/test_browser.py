@@ -23,7 +23,7 @@ def test_notebooks_in_jupyterlab():
     result = run_check(DEFAULT_OUT)
     names = [r["notebook"] for r in result["notebooks"]]
     assert names == ["01_tokenize.ipynb", "02_generate_loop.ipynb", "03_attention.ipynb", "04_compare.ipynb",
-                     "05_seed_script.ipynb", "06_corpus.ipynb"]
+                     "05_seed_script.ipynb", "06_corpus.ipynb", "07_beyond_greedy.ipynb"]
     explorer = next(r for r in result["notebooks"] if r["notebook"].startswith("02"))
     assert explorer["slider"]["after_has_step_3"]
     for r in result["notebooks"]:

@@ -31,7 +31,16 @@ def local_cluster():
 @pytest.mark.slow
 def test_ray_two_workers_equal_single_process(embedded, tmp_path, local_cluster):
     model, tok = embedded
-    single = trace_corpus(model, tok, PROMPTS, dataset=tmp_path / "one", batch_size=2, max_new_tokens=8)
+    # Ray gives each 0.5-CPU actor OMP_NUM_THREADS=1; a CPU matmul's float sums depend on the thread
+    # count, so the single-process reference runs with one thread too (same work, same bits).
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = trace_corpus(model, tok, PROMPTS, dataset=tmp_path / "one", batch_size=2, max_new_tokens=8)
+    finally:
+        torch.set_num_threads(before)
     seen = []
     sharded = trace_corpus_ray(PROMPTS, dataset=tmp_path / "ray", workers=2, batch_size=2, max_new_tokens=8,
                                on_batch=lambda n, _: seen.append(n))

@@ -284,7 +284,10 @@ def test_no_core_module_imports_another_modules_private_names():
         if rel.startswith(_OTHER_LAYERS):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module is not None:  # `from . import _mod` is a module
+            # `from . import _mod` is a module; private names of other packages (llama_cpp) are each
+            # backend's own compatibility touch, kept in one module and guarded by its equality tests
+            if (isinstance(node, ast.ImportFrom) and node.module is not None
+                    and (node.level > 0 or node.module.split(".")[0] == "tracer")):
                 for alias in node.names:
                     if alias.name.startswith("_") and not alias.name.startswith("__"):
                         found.add((rel, node.module, alias.name))

@@ -25,6 +25,31 @@ def models():
     torch.set_num_threads(before)
 
 
+_CONFIG_KEYS = "trace.meta.record_config.__keys__"
+
+
+def _added_config_fields(want: dict, have: dict) -> set[str]:
+    """RecordConfig fields added after the reference was written, recorded at their default (off).
+
+    A new recording option that is off records nothing new: its field in the saved config is the
+    only difference allowed, and only with the default value; every other key must stay equal."""
+    from dataclasses import fields
+
+    from tracer import RecordConfig
+
+    import ast
+
+    if _CONFIG_KEYS not in want or _CONFIG_KEYS not in have:
+        return set()
+    old, new = ast.literal_eval(want[_CONFIG_KEYS]), ast.literal_eval(have[_CONFIG_KEYS])
+    if not set(old) <= set(new):
+        return set()
+    defaults = {f.name: f.default for f in fields(RecordConfig)}
+    added = set(new) - set(old)
+    ok = {f for f in added if f in defaults and have.get(f"trace.meta.record_config[{f!r}]") == repr(defaults[f])}
+    return ok if ok == added else set()
+
+
 def _check(name, models):
     got = run_scenario(name, models)
     ref = REFERENCE[name]
@@ -32,9 +57,11 @@ def _check(name, models):
         pytest.skip(f"{name}: the untraced model computes other numbers here than where the reference was "
                     "written (another CPU/torch); the bit-for-bit reference does not apply")
     want, have = ref["trace"], got["trace"]
+    added_fields = _added_config_fields(want, have)
     missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    extra = sorted(set(have) - set(want) - {f"trace.meta.record_config[{f!r}]" for f in added_fields})
+    changed = sorted(k for k in set(want) & set(have)
+                     if want[k] != have[k] and not (k == _CONFIG_KEYS and added_fields))
     assert not (missing or extra or changed), (
         f"{name}: {len(changed)} values changed, {len(missing)} missing, {len(extra)} new; first: "
         + "; ".join(f"{k}: {want.get(k)} -> {have.get(k)}" for k in (changed + missing + extra)[:5]))

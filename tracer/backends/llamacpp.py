@@ -346,7 +346,7 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
                 raise
             status, reason = "interrupted", None
             text = llm.detokenize(completion, prev_tokens=prompt)
-            raise _Interrupted(_finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces,
+            raise InterruptedRun(_finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces,
                                        record, reused, start, status, error)) from None
         if not traced:
             return Completion([c.chosen for c in captures], bytes(text).decode("utf-8", errors="ignore"), reason,
@@ -369,7 +369,7 @@ class Completion:
     reused: int
 
 
-class _Interrupted(KeyboardInterrupt):
+class InterruptedRun(KeyboardInterrupt):
     """Ctrl-C during a traced run: ``.trace`` holds the steps so far (``meta.status`` "interrupted")."""
 
     def __init__(self, trace: Trace):

@@ -100,10 +100,10 @@ def load(gguf: Path, seed: int) -> tuple[Any, Any]:
 def cmd_run_llamacpp(args: Any) -> int:
     """``tracer run --engine llama.cpp``: checks, then the prompts (or turns) one by one."""
     from ..cli.outputs import PredictionsWriter
-    from ..cli.run import _print_summary, _saved_suffix, _validate
+    from ..cli.run import print_summary, saved_suffix, validate_run_args
 
     gguf = check_args(args)
-    prompts = _validate(args)
+    prompts = validate_run_args(args)
     writer = PredictionsWriter(args.predictions_file)
 
     def emit(index: int, result: Result) -> None:
@@ -127,19 +127,19 @@ def cmd_run_llamacpp(args: Any) -> int:
         finally:
             llm.close()
     except KeyboardInterrupt:
-        _print_summary(writer)
+        print_summary(writer)
         done = f"{len(writer.results)} answer(s) finished"
         if writer.path is not None and writer.results:
             done += f", saved in {shown(writer.path)}"
         raise Interrupted(done) from None
     except CliError as exc:
-        raise CliError(where[0] + str(exc) + _saved_suffix(writer)) from exc
+        raise CliError(where[0] + str(exc) + saved_suffix(writer)) from exc
     except Exception as exc:  # noqa: BLE001 - every late failure is one line, and nothing is lost
         from tracer.records import TracerError
 
         kind = "" if isinstance(exc, TracerError) else f"{type(exc).__name__}: "
-        raise CliError(f"{where[0]}{kind}{exc}{_saved_suffix(writer)}") from exc
-    _print_summary(writer)
+        raise CliError(f"{where[0]}{kind}{exc}{saved_suffix(writer)}") from exc
+    print_summary(writer)
     return 0
 
 
@@ -177,7 +177,7 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
     from tracer import RecordConfig
     from tracer.cli.outputs import save_trace_files
 
-    from .llamacpp import _Interrupted, llamacpp_complete, llamacpp_generate
+    from .llamacpp import InterruptedRun, llamacpp_complete, llamacpp_generate
 
     start = time.perf_counter()
     if args.no_trace:  # the same loop, nothing recorded
@@ -188,7 +188,7 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
                       token_ids=tuple(done.tokens)), done
     try:
         [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], **settings)
-    except _Interrupted as exc:
+    except InterruptedRun as exc:
         if args.trace_dir is not None:
             save_trace_files(exc.trace, Path(args.trace_dir) / name, exports=False)
         raise KeyboardInterrupt from None

@@ -399,3 +399,9 @@ class Runner:
         stops = [stops] if isinstance(stops, int) else list(stops or [])
         terminators = {int(i): self.tokenizer.convert_ids_to_tokens(int(i)) for i in stops}
         return str(StopReason.from_last_token(new[-1] if new else None, terminators))
+
+
+# Public names for the other engines' command lines (llama.cpp): one validation, one summary.
+validate_run_args = _validate
+print_summary = _print_summary
+saved_suffix = _saved_suffix

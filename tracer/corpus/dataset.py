@@ -185,10 +185,10 @@ class CorpusDataset:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from .rows import _schemas
+        from .rows import table_schemas
 
         files = self.files(table)
-        schema = _schemas()[0 if table == "steps" else 1]
+        schema = table_schemas()[0 if table == "steps" else 1]
         if not files:
             return schema.empty_table()
         return pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")

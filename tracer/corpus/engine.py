@@ -40,7 +40,7 @@ def prepare_batch(model: Any, tokenizer: Any, prompts: Sequence[Any], *, chat: b
     return prepare_generate(model, tokenizer, list(prompts), chat=chat, system=system, **generate_kwargs)
 
 
-def _model_name(model: Any) -> str:
+def model_name(model: Any) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "name_or_path", "") or type(model).__name__)
 
@@ -146,7 +146,7 @@ def trace_corpus(model: Any, tokenizer: Any, prompts: Any, *, dataset: str | Pat
     record = record or RecordConfig()
     settings = resolved_settings(model, tokenizer, chat, system, seed, dict(generate_kwargs))
     dtype = model_dtype(model)
-    meta = corpus_meta(engine="transformers", model=_model_name(model), dtype=dtype, settings=settings,
+    meta = corpus_meta(engine="transformers", model=model_name(model), dtype=dtype, settings=settings,
                        chat=chat, system=system, batch_size=batch_size, record=record.to_dict())
     writer = CorpusWriter(dataset, meta)
     done = writer.done_ids()

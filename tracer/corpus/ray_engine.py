@@ -50,7 +50,7 @@ class Replica:
                  seed: int | None, trace_dir: str | None, run_id: str, generate_kwargs: dict[str, Any]):
         from ..config import RecordConfig
         from ..models import load_model
-        from .engine import _model_name, model_dtype, resolved_settings
+        from .engine import model_name, model_dtype, resolved_settings
 
         self.model, self.tokenizer = load_model(**load)
         self.chat, self.system, self.seed = chat, system, seed
@@ -60,7 +60,7 @@ class Replica:
         self.generate_kwargs = dict(generate_kwargs)
         dtype = model_dtype(self.model)
         settings = resolved_settings(self.model, self.tokenizer, chat, system, seed, dict(generate_kwargs))
-        self.identity = json.dumps({"model": _model_name(self.model), "dtype": dtype, "settings": settings},
+        self.identity = json.dumps({"model": model_name(self.model), "dtype": dtype, "settings": settings},
                                    default=str)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:

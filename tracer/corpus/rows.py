@@ -19,7 +19,7 @@ from ..text import pieces
 __all__ = ["STEP_SCHEMA", "SEQUENCE_SCHEMA", "trace_rows", "steps_table", "sequences_table"]
 
 
-def _schemas():
+def table_schemas():
     import pyarrow as pa
 
     processor = pa.struct([("name", pa.string()), ("newly_masked", pa.int64()),
@@ -45,7 +45,7 @@ def _schemas():
 
 def __getattr__(name: str) -> Any:
     if name in ("STEP_SCHEMA", "SEQUENCE_SCHEMA"):
-        steps, seqs = _schemas()
+        steps, seqs = table_schemas()
         return steps if name == "STEP_SCHEMA" else seqs
     raise AttributeError(name)
 
@@ -103,10 +103,10 @@ def trace_rows(trace: Trace, ids: Sequence[str], prompts: Sequence[str], *, engi
 def steps_table(rows: list[dict[str, Any]]):
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows, schema=_schemas()[0])
+    return pa.Table.from_pylist(rows, schema=table_schemas()[0])
 
 
 def sequences_table(rows: list[dict[str, Any]]):
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows, schema=_schemas()[1])
+    return pa.Table.from_pylist(rows, schema=table_schemas()[1])
