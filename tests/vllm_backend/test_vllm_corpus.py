@@ -9,7 +9,7 @@ pytest.importorskip("vllm")
 pytest.importorskip("pyarrow")
 
 from tracer.corpus import open_dataset  # noqa: E402
-from tracer.corpus.rows import _schemas  # noqa: E402
+from tracer.corpus.rows import table_schemas  # noqa: E402
 from tracer.corpus.vllm_engine import trace_corpus_vllm  # noqa: E402
 
 PROMPTS = [("en", "What is the capital of France?"), ("zh", "用一句话介绍长城。"), ("en2", "Name three colors.")]
@@ -30,7 +30,7 @@ def test_vllm_corpus_tables_equal_untraced(llm, tmp_path):
     for (pid, _), out in zip(PROMPTS, plain):
         assert list(seqs.token_ids[pid]) == list(out.outputs[0].token_ids)
     steps = ds.steps
-    assert ds.arrow("steps").schema.equals(_schemas()[0])
+    assert ds.arrow("steps").schema.equals(table_schemas()[0])
     assert len(steps) == int(seqs.num_tokens.sum())
     assert (steps.logprob <= 0).all() and steps.topk_ids.map(len).min() > 1
     zh = steps[steps.prompt_id == "zh"].sort_values("step")
