@@ -100,10 +100,8 @@ def test_run_no_trace_default_prompts(tmp_path):
     assert proc.returncode == 0, proc.stderr
     raw = out.read_text(encoding="utf-8")
     data = json.loads(raw)
-    assert [d["input"] for d in data] == list(DEFAULT_PROMPTS)
-    # the seed's keys and the earlier lower-case ones, same values
-    assert all(set(d) == {"Input", "Output", "input", "output"} and d["output"] for d in data)
-    assert all(d["Input"] == d["input"] and d["Output"] == d["output"] for d in data)
+    assert [d["Input"] for d in data] == list(DEFAULT_PROMPTS)
+    assert all(set(d) == {"Input", "Output"} and d["Output"] for d in data)  # the seed's keys, each answer once
     assert DEFAULT_PROMPTS[0] in raw and "\\u" not in raw  # non-ASCII kept as is
     assert raw.startswith("[\n  {")  # indent 2
     table = proc.stdout.splitlines()
@@ -123,8 +121,8 @@ def test_run_data_file(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(out.read_text(encoding="utf-8"))
-    assert [d["input"] for d in got] == ["What is the capital of France?", "Name a color."]
-    assert "Paris" in got[0]["output"]
+    assert [d["Input"] for d in got] == ["What is the capital of France?", "Name a color."]
+    assert "Paris" in got[0]["Output"]
 
 
 @pytest.mark.slow
@@ -137,7 +135,7 @@ def test_run_interactive_stops_at_empty_line(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     got = json.loads(out.read_text(encoding="utf-8"))
-    assert [d["input"] for d in got] == ["What is the capital of France?", "Say hi."]
+    assert [d["Input"] for d in got] == ["What is the capital of France?", "Say hi."]
     assert "Paris" in proc.stdout.splitlines()[0]
 
 
@@ -207,7 +205,7 @@ def test_predictions_writer_is_valid_json_after_every_answer(tmp_path, monkeypat
         writer.add(Result(f"q{i} 你好", f"a{i}", 1, "max_length", 0.1))
         data = json.loads(path.read_text(encoding="utf-8"))
         assert [d["Input"] for d in data] == [f"q{j} 你好" for j in range(i + 1)]
-        assert [d["output"] for d in data] == [f"a{j}" for j in range(i + 1)]
+        assert [d["Output"] for d in data] == [f"a{j}" for j in range(i + 1)]
     # a write that fails half-way leaves the previous file whole (and no temporary file)
     real_replace = os.replace
 
@@ -292,7 +290,7 @@ def test_late_failure_keeps_finished_answers(cli_model, tmp_path, capsys):
     err = captured.err.splitlines()
     assert code == 2
     assert err == [f"tracer: error: prompt 1: RuntimeError: injected (1 finished answer(s) saved in {out})"]
-    assert [d["input"] for d in json.loads(out.read_text(encoding="utf-8"))] == ["What is the capital of France?"]
+    assert [d["Input"] for d in json.loads(out.read_text(encoding="utf-8"))] == ["What is the capital of France?"]
     assert "Paris" in captured.out  # the finished answer was printed as it finished
 
 

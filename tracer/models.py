@@ -227,15 +227,15 @@ def _check_layers(model: Any) -> None:
 
 
 def resolve_device(device: Any = "auto"):
-    """``"auto"`` → cuda > mps > cpu; otherwise ``torch.device(device)``."""
+    """``"auto"`` → mps > cuda > cpu (the seed script's order); otherwise ``torch.device(device)``."""
     import torch
 
     if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
         return torch.device("cpu")
     try:
         return torch.device(device)
@@ -330,7 +330,7 @@ def load_model(
             GGUF files are converted once into the cache (see module docstring).
         dtype: ``"auto"`` (fp32 off CUDA; bf16 on CUDA if supported, else fp16),
             ``"float32"``/``"bfloat16"``/``"float16"`` or a ``torch.dtype``.
-        device: ``"auto"`` (cuda > mps > cpu) or anything ``torch.device`` accepts.
+        device: ``"auto"`` (mps > cuda > cpu, as the seed script) or anything ``torch.device`` accepts.
         attn_implementation: passed to ``from_pretrained`` (``None``: transformers' default).
         load_in_4bit, load_in_8bit: bitsandbytes quantization on CPU or CUDA (bitsandbytes>=0.49,
             the ``quant`` extra): 4-bit is nf4 with double quantization computing in ``dtype``.

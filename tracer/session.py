@@ -373,7 +373,12 @@ def default_terminators(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 def encode_prompts(
     tokenizer: Any, prompt: str | Sequence[Any], *, chat: bool | None = None, system: str | None = None
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """(prompt texts as given to the tokenizer, left-padded ``input_ids``/``attention_mask``)."""
+    """(prompt texts as given to the tokenizer, left-padded ``input_ids``/``attention_mask``).
+
+    Each prompt becomes the ids :func:`tracer.prompts.build_prompt` gives (the rule every
+    engine shares); ``chat`` defaults to whether the tokenizer has a chat template."""
+    from .prompts import build_prompts
+
     if isinstance(prompt, str) or (isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict)):
         items: list[Any] = [prompt]
     else:
@@ -382,23 +387,10 @@ def encode_prompts(
         raise ValueError("no prompt given")
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    texts = []
-    for item in items:
-        if isinstance(item, str) and not chat:
-            texts.append(item)
-            continue
-        messages = [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
-        if system is not None and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system}, *messages]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if pad is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
-    finally:  # leave the user's tokenizer as it was
-        tokenizer.padding_side = side
-        if pad is None:
-            tokenizer.pad_token = None
-    return texts, {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    built = build_prompts(tokenizer, items, chat=chat, system=system)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(b.ids) for b in built)
+    ids = [[pad] * (width - len(b.ids)) + list(b.ids) for b in built]  # left padding
+    mask = [[0] * (width - len(b.ids)) + [1] * len(b.ids) for b in built]
+    return [b.text for b in built], {"input_ids": torch.tensor(ids, dtype=torch.long),
+                                     "attention_mask": torch.tensor(mask, dtype=torch.long)}

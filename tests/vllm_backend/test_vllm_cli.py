@@ -29,7 +29,7 @@ def test_run_vllm_writes_predictions_generation_config_and_traces(llm, tmp_path)
     results = run_vllm(args, prompts, llm=llm)
     assert [r["prompt"] for r in results] == prompts
     preds = json.loads((tmp_path / "out" / "p.json").read_text(encoding="utf-8"))
-    assert preds == [{"input": p, "output": r["output"]} for p, r in zip(prompts, results)]
+    assert preds == [{"Input": p, "Output": r["output"]} for p, r in zip(prompts, results)]
     assert "Paris" in results[0]["output"]
     config = json.loads((tmp_path / "out" / "generation_config.json").read_text(encoding="utf-8"))
     tok = llm.get_tokenizer()

@@ -67,8 +67,16 @@ def stop_settings(tokenizer: Any) -> tuple[list[int], list[str]]:
 
 
 def generation_config(args: Any, tokenizer: Any) -> dict[str, Any]:
-    """``SamplingParams(**generation_config)`` from the same flags as the transformers path."""
+    """``SamplingParams(**generation_config)`` from the same flags as the transformers path.
+
+    ``--repetition-penalty`` and ``--presence-penalty`` pass through as vLLM's own (both also
+    apply when greedy); ``--preset seed`` set the seed's vLLM values before this
+    (:data:`tracer.cli.common.VLLM_PRESETS`: presence penalty 1.0, no repetition penalty, its
+    stop strings as it lists them)."""
     stop_ids, stops = stop_settings(tokenizer)
+    preset_stops = getattr(args, "stop", None)
+    if preset_stops is not None:
+        stops = list(preset_stops)
     config: dict[str, Any] = {
         "max_tokens": int(args.max_new_tokens),
         "temperature": (args.temperature if args.temperature is not None else 1.0) if args.do_sample else 0.0,
@@ -82,15 +90,21 @@ def generation_config(args: Any, tokenizer: Any) -> dict[str, Any]:
             value = getattr(args, flag, None)
             if value is not None:
                 config[flag] = value
-    if getattr(args, "repetition_penalty", None) is not None:
-        config["repetition_penalty"] = args.repetition_penalty
+    for flag in ("repetition_penalty", "presence_penalty"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            config[flag] = value
     return config
 
 
-def format_prompt(tokenizer: Any, prompt: str, chat: bool) -> str:
-    if not chat:
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+def prompt_requests(tokenizer: Any, prompts: Iterable[str], args: Any) -> list[dict[str, Any]]:
+    """What ``llm.generate`` receives for ``prompts``: one ``TokensPrompt`` each, whose ids are
+    :func:`tracer.prompts.build_prompt`'s, the very ids the transformers path feeds ``generate``
+    (``--with-prompt`` and ``--system`` applied alike)."""
+    from tracer.prompts import build_prompts
+
+    chat = bool(getattr(args, "with_prompt", False))
+    return [b.vllm() for b in build_prompts(tokenizer, prompts, chat=chat, system=getattr(args, "system", None))]
 
 
 def run_vllm(
@@ -146,10 +160,10 @@ def run_vllm(
     for batch in batches:
         if not batch:
             continue
-        texts = [format_prompt(tok, p, bool(getattr(args, "with_prompt", False))) for p in batch]
+        requests = prompt_requests(tok, batch, args)
         asked = with_logprobs(sampling, record.top_k) if trace else sampling
         start = time.perf_counter()
-        outputs = llm.generate(texts, asked, use_tqdm=False)
+        outputs = llm.generate(requests, asked, use_tqdm=False)
         wall = time.perf_counter() - start
         traces = (traces_from_outputs(outputs, sampling, facts=facts, tokenizer=tok, record=record, wall_time_s=wall)
                   if trace else [None] * len(outputs))
@@ -196,9 +210,10 @@ def _request_seconds(out: Any, wall: float) -> float:
 
 
 def write_predictions(path: Path, results: list[dict[str, Any]], config: dict[str, Any]) -> None:
-    """The predictions JSON (``[{"input", "output"}]``) and ``generation_config.json`` beside it
-    (the ``SamplingParams(**config)`` arguments, as the seed writes them)."""
-    _write_json(path, [{"input": r["prompt"], "output": r["output"]} for r in results])
+    """The predictions JSON (``[{"Input", "Output"}]``, the seed's keys) and
+    ``generation_config.json`` beside it (the ``SamplingParams(**config)`` arguments, as the seed
+    writes them)."""
+    _write_json(path, [{"Input": r["prompt"], "Output": r["output"]} for r in results])
     _write_json(path.parent / "generation_config.json", config)
 
 
@@ -207,5 +222,5 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-__all__ = ["run_vllm", "llm_kwargs", "generation_config", "stop_settings", "write_predictions",
+__all__ = ["run_vllm", "llm_kwargs", "generation_config", "prompt_requests", "stop_settings", "write_predictions",
            "VLLMNotInstalledError"]

@@ -32,6 +32,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The seed's stop strings (its ``vllm_generation_config["stop"]``).
+SEED_STOP_STRINGS = ("<|eot_id|>", "<|end_of_text|>")
+
+#: What ``--preset NAME --use-vllm`` changes in :data:`PRESETS` (``None`` removes a value).
+#: ``seed``: the upstream script's vLLM settings differ from its ``GenerationConfig``: a
+#: presence penalty of 1.0 and no repetition penalty, its stop strings (``stop_token_ids`` are
+#: the terminators on both engines); no ``do_sample`` (vLLM samples whenever temperature > 0).
+VLLM_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {"repetition_penalty": None, "presence_penalty": 1.0, "stop": list(SEED_STOP_STRINGS)},
+}
+
 
 class CliError(Exception):
     """An error reported as one ``tracer: error: ...`` line on stderr with exit status 2."""
@@ -59,9 +70,10 @@ class Result:
         return self.new_tokens / self.time_s if self.time_s > 0 else 0.0
 
     def prediction(self) -> dict[str, str]:
-        """The predictions-file entry: the seed's ``Input``/``Output`` keys and the
-        lower-case ``input``/``output`` keys of earlier tracer versions (same values)."""
-        return {"Input": self.prompt, "Output": self.output, "input": self.prompt, "output": self.output}
+        """The predictions-file entry, with the seed's keys: ``{"Input": prompt, "Output": answer}``
+        (the raw prompt, on every engine; :func:`tracer.cli.outputs.read_predictions` also
+        reads the lower-case keys earlier tracer versions wrote)."""
+        return {"Input": self.prompt, "Output": self.output}
 
 
 _JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners: parts of emoji and scripts

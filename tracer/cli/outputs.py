@@ -11,7 +11,7 @@ from typing import Any
 
 from .common import CliError, Result, shown
 
-__all__ = ["PredictionsWriter", "save_trace_files", "write_json_atomic"]
+__all__ = ["PredictionsWriter", "read_predictions", "save_trace_files", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -40,7 +40,7 @@ class PredictionsWriter:
     """The predictions file, rewritten after each answer.
 
     ``None`` as the path keeps the results in memory only.  The file is a JSON list of
-    ``{"Input", "Output", "input", "output"}`` (see :meth:`Result.prediction`) and is valid
+    ``{"Input", "Output"}`` (the seed's keys; see :meth:`Result.prediction`) and is valid
     JSON at every moment, so a late failure or Ctrl-C loses no finished answer.
     """
 
@@ -66,6 +66,20 @@ class PredictionsWriter:
         except OSError as exc:
             raise CliError(f"cannot write {shown(target)}: {exc.strerror or exc}") from None
         return target
+
+
+def read_predictions(path: Path) -> list[dict[str, str]]:
+    """A predictions file as ``[{"Input", "Output"}]``: the seed's keys, and the lower-case
+    ``input``/``output`` of files earlier tracer versions wrote (where only those are present)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{shown(path)}: not a predictions file (a JSON list of {{'Input', 'Output'}} expected)")
+    out = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or not ({"Output", "output"} & set(entry)):
+            raise ValueError(f"{shown(path)}: entry {i} has no 'Output'")
+        out.append({"Input": entry.get("Input", entry.get("input")), "Output": entry.get("Output", entry.get("output"))})
+    return out
 
 
 def save_trace_files(trace: Any, base: Path, *, exports: bool = True) -> list[str]:

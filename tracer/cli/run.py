@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .common import DEFAULT_PROMPTS, PRESETS, CliError, Interrupted, Result, format_summary, shown
+from .common import DEFAULT_PROMPTS, PRESETS, VLLM_PRESETS, CliError, Interrupted, Result, format_summary, shown
 from .outputs import PredictionsWriter, save_trace_files
 from .progress import progress_wanted, token_progress
 from .validation import (
@@ -66,7 +66,7 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     src.add_argument("--model", default=None, help="model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     src.add_argument("--tokenizer", default=None, help="tokenizer: 'llama-3', 'smollm2' or a path (default: the model's)")
     src.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
-    src.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: cuda > mps > cpu)")
+    src.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: mps > cuda > cpu, as the seed)")
     src.add_argument("--gpus", default=None, metavar="IDS", help="visible GPUs, e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES)")
     src.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager (default: transformers' default)")
     src.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA only)")
@@ -86,19 +86,23 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
                     help="one conversation: each prompt is a turn, answered with the whole history "
                     "(reusing the previous turn's cache); implies --with-prompt")
     io.add_argument("--predictions-file", type=Path, default=None,
-                    help='JSON list of {"Input", "Output", "input", "output"}, rewritten after every answer; '
-                    "generation_config.json is written beside it")
+                    help='JSON list of {"Input", "Output"} (the seed\'s keys), rewritten after every answer; '
+                    "generation_config.json (what the engine got) is written beside it")
 
     gen = run.add_argument_group("generation")
     gen.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                     help="seed: the seed script's settings (sampling, temperature 0.2, top-k 40, top-p 0.9, "
-                     "repetition penalty 1.1, 400 new tokens, its system prompt); explicit flags override")
+                     help="seed: the seed script's settings for each engine (sampling, temperature 0.2, top-k 40, "
+                     "top-p 0.9, 400 new tokens, its system prompt; generate: repetition penalty 1.1; --use-vllm: "
+                     "presence penalty 1.0 and its stop strings instead); explicit flags override")
     gen.add_argument("--max-new-tokens", type=int, action=_Explicit, default=128, help="at least 1 (default: 128)")
     gen.add_argument("--do-sample", action=_ExplicitBool, default=False, help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, action=_Explicit, default=None, help="> 0 when sampling")
     gen.add_argument("--top-k", type=int, action=_Explicit, default=None, help=">= 0 (0: off)")
     gen.add_argument("--top-p", type=float, action=_Explicit, default=None, help="in (0, 1]")
-    gen.add_argument("--repetition-penalty", type=float, action=_Explicit, default=None, help="> 0 (1: off)")
+    gen.add_argument("--repetition-penalty", type=float, action=_Explicit, default=None,
+                     help="> 0 (1: off); on both engines (vLLM's has the same definition)")
+    gen.add_argument("--presence-penalty", type=float, action=_Explicit, default=None,
+                     help="in [-2, 2] (0: off); --use-vllm only (transformers' generate has none)")
     gen.add_argument("--seed", type=int, default=0, help="transformers.set_seed before each prompt (default: 0)")
 
     tr = run.add_argument_group("tracing")
@@ -115,11 +119,15 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def apply_preset(args: argparse.Namespace) -> None:
-    """Fill the preset's values into every option the user did not give explicitly."""
+    """Fill the preset's values for the chosen engine into every option the user did not give
+    explicitly (``--use-vllm``: :data:`VLLM_PRESETS` over :data:`PRESETS`)."""
     if getattr(args, "preset", None) is None:
         return
     explicit = getattr(args, "explicit", frozenset())
-    for name, value in PRESETS[args.preset].items():
+    values = dict(PRESETS[args.preset])
+    if getattr(args, "use_vllm", False):
+        values.update(VLLM_PRESETS.get(args.preset, {}))
+    for name, value in values.items():
         if name not in explicit:
             setattr(args, name, value)
 
@@ -168,6 +176,9 @@ def _validate(args: argparse.Namespace) -> Iterable[str]:
         if "system" in args.explicit:
             raise CliError("--system applies to the chat template: add --with-prompt")
         args.system = None  # the preset's system prompt, as the seed, only with the template
+    if getattr(args, "presence_penalty", None) is not None and not args.use_vllm:
+        raise CliError("--presence-penalty is a vLLM option (add --use-vllm); transformers' generate has no "
+                       "presence penalty: use --repetition-penalty")
     check_generation(args)
     args.gpu_ids = check_gpus(args.gpus)
     if args.gpu_ids is not None:

@@ -63,6 +63,11 @@ def check_generation(args: Any) -> None:
         _finite("--repetition-penalty", args.repetition_penalty)
         if args.repetition_penalty <= 0:
             raise CliError(f"--repetition-penalty must be > 0 (1 turns it off), got {args.repetition_penalty}")
+    presence = getattr(args, "presence_penalty", None)
+    if presence is not None:
+        _finite("--presence-penalty", presence)
+        if not -2 <= presence <= 2:
+            raise CliError(f"--presence-penalty must be in [-2, 2] (0 turns it off), got {presence}")
     if not 0 <= args.seed < 2**32:
         raise CliError(f"--seed must be in [0, 2**32), got {args.seed}")
     if str(args.dtype).lower().removeprefix("torch.") not in DTYPE_NAMES:
