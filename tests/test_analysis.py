@@ -266,6 +266,11 @@ def test_branch(embedded, greedy):
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="pass one token"):
         tracer.branch(model, tok, greedy, step=1, token=" the capital")
+    # an id outside the vocabulary: one clear error before any forward, not torch's index error
+    with pytest.raises(ValueError, match=r"token 1000000 is not a token id of this model \(ids 0\.\.49151\)"):
+        tracer.branch(model, tok, greedy, step=1, token=10**6)
+    with pytest.raises(ValueError, match="not a token id"):
+        tracer.branch(model, tok, greedy, step=1, token=-1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -404,9 +409,9 @@ def test_compare_and_tables_show_split_characters_whole():
     t.token_text[first], t.token_text[second] = "\ufffd", "\ufffd"  # what decoding one token at a time gives
     t.token_bytes[first], t.token_bytes[second] = b"\xe5\x8c", b"\x97"
     rows = tracer.compare(t, t).table()
-    assert list(rows["text_a"][:2]) == ["\\xe5\\x8c", "北"] and list(rows["text_b"][:2]) == ["\\xe5\\x8c", "北"]
+    assert list(rows["text_a"][:2]) == ["\\xe5\\x8c→北", "北"] and list(rows["text_b"][:2]) == ["\\xe5\\x8c→北", "北"]
     assert not any("\ufffd" in str(x) for x in rows["text_a"])
     assert "\ufffd" not in compare_html(tracer.compare(t, t))
     table = t.table()
-    assert list(table["text"][:2]) == ["\\xe5\\x8c", "北"]
+    assert list(table["text"][:2]) == ["\\xe5\\x8c→北", "北"]
     assert not any("\ufffd" in str(x) for x in list(table["text"]) + list(table["top_text"]))

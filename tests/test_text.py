@@ -144,7 +144,7 @@ def test_visible_markers(text, shown):
 def test_pieces_markers_for_whitespace_tokens():
     t = _T({}, {1: b"\n", 2: b" ", 3: b" the", 4: b"\x07", 5: b"\xe5\x8c", 6: b"\x97"})
     assert token_pieces(t, [1, 2, 3, 4]) == ["↵", "·", " the", "\\x07"]
-    assert token_pieces(t, [5, 6]) == ["\\xe5\\x8c", "北"]
+    assert token_pieces(t, [5, 6]) == ["\\xe5\\x8c→北", "北"]
     assert token_pieces(t, [6]) == ["\\x97"]  # a continuation byte on its own
     assert [p.text for p in pieces(t, [5])] == ["\ufffd"]  # an unfinished character at the end
     assert token_pieces(t, [5, 1]) == ["\\xe5\\x8c", "↵"]  # interrupted: the bytes, then the newline

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .quantization import check_quantization, quantization_config
+from .quantization import check_quantization, quantization_config, quiet_hub_kernel_message
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
@@ -360,8 +360,9 @@ def load_model(
     if load_in_4bit or load_in_8bit:
         kwargs["quantization_config"] = quantization_config(load_in_4bit, torch_dtype)
         kwargs["device_map"] = {"": "cpu" if dev.type == "cpu" else (dev.index or 0)}
+    quiet = quiet_hub_kernel_message() if (load_in_4bit or load_in_8bit) else contextlib.nullcontext()
     try:
-        with _quiet_progress():  # a ~1 s load from a local folder needs no progress bar
+        with _quiet_progress(), quiet:  # a ~1 s load from a local folder needs no progress bar
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except ModelLoadError:
         raise

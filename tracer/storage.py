@@ -67,7 +67,10 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     blobs = {k: np.ascontiguousarray(trace.blobs.get(k)) for k in sorted(trace.blobs.keys())}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:  # name the path asked for, not the hidden temporary folder
+        raise type(exc)(exc.errno, exc.strerror, str(target)) from exc
     try:
         st_numpy.save_file(tables, str(tmp / TABLES))
         st_numpy.save_file(blobs, str(tmp / BLOBS))
@@ -91,6 +94,11 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno is None:  # our own refusals above already name the path
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(target)) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,8 +4,10 @@ Byte-level tokenizers (GPT-2 style BPE, as in SmolLM2 and Llama 3) split many ch
 most Chinese characters, emoji, combining marks — over several tokens.  Decoding one token at a
 time gives "�" for each part.  Here a run of token ids is decoded as one byte stream and each
 character is shown **whole on the token that completes it**; a token that holds only part of a
-character shows its own bytes, escaped (``\\xe5\\x9b``).  So the characters read off the pieces,
-in order, are exactly the text the tokenizer decodes, and no valid character ever shows as "�".
+character shows its own bytes, escaped, followed by the character they belong to when a
+later token completes it (``\\xe5\\x9b→因``: these bytes go on to make 因, shown whole on
+the token that completes it).  So the whole characters of the pieces (``Piece.chars``), in
+order, are exactly the text the tokenizer decodes, and no valid character ever shows as "�".
 
 Bytes come from ``trace.token_bytes`` (id -> raw UTF-8 bytes, recorded from the tokenizer).
 Traces without it (older files) fall back to ``trace.token_text``; a part-character token there
@@ -28,6 +30,7 @@ __all__ = [
     "piece_of",
     "running_text",
     "Broken",
+    "Partial",
     "visible",
     "terminal_safe",
     "safe_lines",
@@ -122,13 +125,23 @@ class Broken(bytes):
     never completes (e.g. generation stopped mid-character)."""
 
 
+class Partial(bytes):
+    """Bytes of a character that a later token of the run completes; ``char`` is that character."""
+
+    char: str = ""
+
+
+#: Between a token's partial bytes and the character they belong to (``\xe5\x9b→因``).
+PART_OF = "→"
+
+
 @dataclass(frozen=True)
 class Piece:
     """What one token shows.
 
     ``parts``: in order, ``str`` runs of whole characters completed by this token and
     ``bytes`` runs of this token's bytes that belong to a character it does not complete
-    (shown escaped).  ``text``: the characters this token adds to the decoded text (what the
+    (shown escaped; a :class:`Partial` also names the character a later token completes).  ``text``: the characters this token adds to the decoded text (what the
     tokenizer's decode of the whole run gives at this point; "\\ufffd" only where the bytes are
     not valid UTF-8).  ``known``: the bytes were recorded (``trace.token_bytes``)."""
 
@@ -158,8 +171,14 @@ class Piece:
     def display(self) -> str:
         """One display string: characters made :func:`visible`, partial bytes escaped."""
         blank = is_blank(self.chars)
-        s = "".join(escape_bytes(p) if isinstance(p, bytes) else visible(p, blank=blank) for p in self.parts)
+        s = "".join(_shown_bytes(p) if isinstance(p, bytes) else visible(p, blank=blank) for p in self.parts)
         return s if self.known else s.replace("\ufffd", UNKNOWN_BYTES)
+
+
+def _shown_bytes(part: bytes) -> str:
+    """Partial bytes escaped, plus the character they belong to when a later token completes it."""
+    char = getattr(part, "char", "")
+    return escape_bytes(part) + (PART_OF + visible(char) if char else "")
 
 
 def _expected(lead: int) -> int:
@@ -196,7 +215,12 @@ def _split(chunks: list[bytes]) -> list[tuple[list[str | bytes], str]]:
             parts[i].append(s)
         texts[i].append(s)
 
-    def add_bytes(i: int, data: bytes, broken: bool) -> None:
+    def add_bytes(i: int, data: bytes, broken: bool, char: str = "") -> None:
+        if char:  # the bytes of one character a later token completes: never merged
+            part = Partial(data)
+            part.char = char
+            parts[i].append(part)
+            return
         kind = Broken if broken else bytes
         if parts[i] and type(parts[i][-1]) is kind:
             parts[i][-1] = kind(parts[i][-1] + data)  # type: ignore[operator]
@@ -206,11 +230,11 @@ def _split(chunks: list[bytes]) -> list[tuple[list[str | bytes], str]]:
     def spill(complete: bool) -> None:
         """cur ends: as one character on the last owner, or as invalid bytes on every owner."""
         if complete:
-            done = owners[-1]
+            done, char = owners[-1], bytes(cur).decode("utf-8")
             for o in sorted(set(owners)):
                 if o != done:
-                    add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o), False)
-            add_str(done, bytes(cur).decode("utf-8"))
+                    add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o), False, char)
+            add_str(done, char)
         else:
             for o in sorted(set(owners)):
                 add_bytes(o, bytes(b for b, w in zip(cur, owners) if w == o), True)

@@ -218,7 +218,9 @@ class Comparison:
         overlaps = [r["topk_overlap"] for r in rows if r["comparable"] and not np.isnan(r["topk_overlap"])]
         out: dict[str, Any] = {
             "seq": seq, "first_divergence": div, "steps_a": na, "steps_b": nb,
-            "identical_fraction": sum(r["same"] for r in rows) / max(len(rows), 1),
+            # over the steps both runs have (a run 8 steps longer is not "8 steps different")
+            "shared_steps": min(na, nb),
+            "identical_fraction": sum(r["same"] for r in rows[: min(na, nb)]) / max(min(na, nb), 1),
             "steps_until_divergence": div if div is not None else min(na, nb),
             "max_abs_dlogprob": max(shared) if shared else 0.0,
             "mean_abs_dlogprob": float(np.mean(shared)) if shared else 0.0,
@@ -241,7 +243,8 @@ class Comparison:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """Per sequence: first divergence, identical-token fraction, max/mean |Δ log-prob| on
+        """Per sequence: first divergence, identical-token fraction (over the ``shared_steps``:
+        the steps both runs have, ``min(steps_a, steps_b)``), max/mean |Δ log-prob| on
         shared tokens and mean/max KL over the comparable steps, top-k overlap, texts; plus the
         two runs' settings side by side."""
         seqs = [self._seq_summary(s) for s in range(self.a.batch_size)]
@@ -268,7 +271,8 @@ class Comparison:
         for s in summ["sequences"]:
             div = s["first_divergence"]
             lines.append(f"sequence {s['seq']}: " + ("no divergence" if div is None else f"first divergence at step {div}")
-                         + f"; steps {s['steps_a']} / {s['steps_b']}; identical {s['identical_fraction']:.0%}; "
+                         + f"; steps {s['steps_a']} / {s['steps_b']}; identical {s['identical_fraction']:.0%} "
+                         f"of {s['shared_steps']} shared; "
                          f"max |Δ log-prob| {s['max_abs_dlogprob']:.3g}; mean KL {s['mean_kl']:.3g}"
                          + ("" if s["kl_exact"] else " (lower bound)"))
             rows = [r for r in self.rows if r["seq"] == s["seq"]]
@@ -301,7 +305,7 @@ class Comparison:
                 f"<td>{esc(s['text_a'])}</td><td>{esc(s['text_b'])}</td></tr>")
         return ("<div class='tracer-compare'><table><tr><th></th><th>model</th><th>dtype</th><th>attn</th>"
                 "<th>backend</th><th>stage</th><th>quantization</th></tr>" + head + "</table>"
-                "<table><tr><th>seq</th><th>first divergence</th><th>identical</th><th>max |Δlp|</th>"
+                "<table><tr><th>seq</th><th>first divergence</th><th>identical (shared steps)</th><th>max |Δlp|</th>"
                 "<th>mean |Δlp|</th><th>mean KL</th><th>text a</th><th>text b</th></tr>" + "".join(body)
                 + "</table></div>")
 

@@ -141,13 +141,25 @@ def _default_record(trace: Trace) -> Any:
     return RecordConfig(top_k=k, full_logits=bool((trace.meta.record_config or {}).get("full_logits", False)))
 
 
-def _token_id(tokenizer: Any, token: int | str) -> int:
+def _token_id(tokenizer: Any, token: int | str, model: Any = None) -> int:
     if isinstance(token, (int, np.integer)):
+        vocab = _vocab_size(model, tokenizer)
+        if not 0 <= int(token) < (vocab if vocab is not None else int(token) + 1):
+            raise ValueError(f"token {int(token)} is not a token id of this model (ids 0..{vocab - 1})")
         return int(token)
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"{token!r} is {len(ids)} tokens ({ids}); pass one token (its id or its exact text)")
     return int(ids[0])
+
+
+def _vocab_size(model: Any, tokenizer: Any) -> int | None:
+    """Rows of the model's output layer (the ids it can score), else the tokenizer's length."""
+    head = getattr(model, "get_output_embeddings", lambda: None)() if model is not None else None
+    weight = getattr(head, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    return len(tokenizer) if tokenizer is not None else None
 
 
 def branch(model: Any, tokenizer: Any, trace: Trace, step: int, token: int | str, *, record: Any = None,
@@ -162,7 +174,7 @@ def branch(model: Any, tokenizer: Any, trace: Trace, step: int, token: int | str
     _check_model(model, trace)
     if not 0 <= step < trace.num_steps:
         raise IndexError(f"step {step} out of range: the trace has {trace.num_steps} steps")
-    tid = _token_id(tokenizer, token)
+    tid = _token_id(tokenizer, token, model)
     after = generate_kwargs.pop("max_new_tokens", trace.num_steps - step - 1)
     settings = merge_settings(settings_of(trace), generate_kwargs)
     forced = np.concatenate([_forced_ids(trace, step), np.full((trace.batch_size, 1), tid, np.int64)], axis=1)
