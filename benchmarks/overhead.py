@@ -343,6 +343,17 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+#: Largest accepted ``(max - min) / median`` of a configuration's rounds (as benchmarks/spread.py).
+STABLE_SPREAD = 0.25
+
+
+def _spread(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
+    med = statistics.median(xs)
+    return (max(xs) - min(xs)) / med if med > 0 else float("inf")
+
+
 def _median(xs: list[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
@@ -450,6 +461,9 @@ def measure_overhead(
             "ratio": (1.0 if name == "plain" else med / base) if med is not None and base else None,
             "paired_ratio_min": min(paired) if paired else None,
             "paired_ratio_max": max(paired) if paired else None,
+            # rounds that disagree by more than 25% make the ratio unpublishable (benchmarks/spread.py)
+            "spread": _spread(times[name]),
+            "stable": _spread(times[name]) <= STABLE_SPREAD and _spread(times["plain"]) <= STABLE_SPREAD,
             "tokens_per_s": new_tokens / med if med else None,
             "identical_to_plain": identical[name] if name not in errors else None,
             "recorded_bytes": recorded[name],
@@ -682,7 +696,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                     else ""
                 )
                 out.append(
-                    f"| {name} | {r['description']} | {_f(r['median_s'], '.3f')} | **{_f(r['ratio'], '.2f')}×** | {rng} | "
+                    f"| {name} | {r['description']} | {_f(r['median_s'], '.3f')} | **{_f(r['ratio'], '.2f')}×**{'' if r.get('stable', True) else ' (unstable: rounds spread > 25%)'} | {rng} | "
                     f"{_f(r['tokens_per_s'], '.1f')} | {_mib(r['recorded_bytes']) if r['recorded_bytes'] else '–'} | {same} |"
                     + (f" {_mib(r['gpu_peak_bytes'])} |" if gpu else "")
                 )
