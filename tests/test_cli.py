@@ -206,16 +206,19 @@ def test_predictions_writer_is_valid_json_after_every_answer(tmp_path, monkeypat
         data = json.loads(path.read_text(encoding="utf-8"))
         assert [d["Input"] for d in data] == [f"q{j} 你好" for j in range(i + 1)]
         assert [d["Output"] for d in data] == [f"a{j}" for j in range(i + 1)]
-    # a write that fails half-way leaves the previous file whole (and no temporary file)
+    # a write that fails half-way leaves the previous file whole (and no temporary file);
+    # the writer goes through the one atomic JSON writer, tracer.jsonio.write_json_atomic
+    from tracer import jsonio
+
     real_replace = os.replace
 
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs.os, "replace", broken_replace)
+    monkeypatch.setattr(jsonio.os, "replace", broken_replace)
     with pytest.raises(Exception, match="No space left on device"):
         writer.add(Result("q3", "a3", 1, "max_length", 0.1))
-    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    monkeypatch.setattr(jsonio.os, "replace", real_replace)
     assert len(json.loads(path.read_text(encoding="utf-8"))) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
 

@@ -5,14 +5,12 @@ rejected token lost.  Plain numpy + JSON (``tracer.assisted`` fills them)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonio import JsonFile
 
 __all__ = ["DraftRound", "AssistedTrace"]
 
@@ -46,7 +44,7 @@ class DraftRound:
 
 
 @dataclass
-class AssistedTrace:
+class AssistedTrace(JsonFile):
     """One traced assisted ``generate`` call (batch 1, as transformers requires)."""
 
     source: str  # "assistant_model:<class>" or "prompt_lookup"
@@ -118,23 +116,6 @@ class AssistedTrace:
                    prompt_ids=np.asarray(data["prompt_ids"], dtype=np.int64),
                    sequences=np.asarray(data["sequences"], dtype=np.int64), rounds=rounds,
                    token_text={int(k): str(v) for k, v in data["token_text"].items()})
-
-    def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "AssistedTrace":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
     def __repr__(self) -> str:
         rate = self.acceptance_rate

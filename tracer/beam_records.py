@@ -8,14 +8,12 @@ step (``max(2, 1 + n_eos) * num_beams``), ``C`` candidates recorded per running 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .jsonio import JsonFile
 
 __all__ = ["BeamStep", "BeamTrace", "Hypothesis", "EMPTY_SCORE"]
 
@@ -72,7 +70,7 @@ class Hypothesis:
 
 
 @dataclass
-class BeamTrace:
+class BeamTrace(JsonFile):
     """One traced beam-search ``generate`` call."""
 
     num_beams: int
@@ -167,24 +165,6 @@ class BeamTrace:
                    prompt_mask=np.asarray(data["prompt_mask"], dtype=np.int64),
                    sequences=np.asarray(data["sequences"], dtype=np.int64), steps=steps,
                    token_text={int(k): str(v) for k, v in data["token_text"].items()})
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write as JSON (atomic); load with :meth:`load`."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "BeamTrace":
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
 
     def __repr__(self) -> str:
         return (f"BeamTrace(batch={self.batch_size}, num_beams={self.num_beams}, steps={self.num_steps}, "

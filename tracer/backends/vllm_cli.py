@@ -8,12 +8,12 @@ time_s, notes``), and writes, as the seed does, the predictions JSON with
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..jsonio import write_json_atomic
 from .vllm import INSTALL_HINT, VLLMNotInstalledError, stop_reason_text
 
 #: The seed's stop strings; kept where the tokenizer's vocabulary has them.
@@ -197,7 +197,7 @@ def run_vllm(
     elif predictions is not None:
         write_predictions(Path(predictions), results, config)
     elif trace_dir is not None:
-        _write_json(Path(trace_dir) / "generation_config.json", config)
+        write_json_atomic(Path(trace_dir) / "generation_config.json", config)
     return results
 
 
@@ -213,13 +213,8 @@ def write_predictions(path: Path, results: list[dict[str, Any]], config: dict[st
     """The predictions JSON (``[{"Input", "Output"}]``, the seed's keys) and
     ``generation_config.json`` beside it (the ``SamplingParams(**config)`` arguments, as the seed
     writes them)."""
-    _write_json(path, [{"Input": r["prompt"], "Output": r["output"]} for r in results])
-    _write_json(path.parent / "generation_config.json", config)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, [{"Input": r["prompt"], "Output": r["output"]} for r in results])
+    write_json_atomic(path.parent / "generation_config.json", config)
 
 
 __all__ = ["run_vllm", "llm_kwargs", "generation_config", "prompt_requests", "stop_settings", "write_predictions",

@@ -4,36 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..jsonio import write_json_atomic
 from .common import CliError, Result, shown
 
 __all__ = ["PredictionsWriter", "read_predictions", "save_trace_files", "write_json_atomic"]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as UTF-8 JSON (indent 2, non-ASCII kept) to a temporary file in the same
-    folder, then ``os.replace`` it over ``path``: readers see the old file or the new one,
-    never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, ensure_ascii=False, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 class PredictionsWriter:

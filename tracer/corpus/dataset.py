@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..jsonio import write_json_atomic
 from .data import CorpusError
 
 __all__ = ["FORMAT", "CorpusWriter", "CorpusDataset", "open_dataset", "is_dataset"]
@@ -94,16 +95,6 @@ def _atomic_write_table(table: Any, dest: Path) -> None:
             tmp.unlink()
 
 
-def _atomic_write_json(obj: Any, dest: Path) -> None:
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str), encoding="utf-8")
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _parts(path: Path) -> list[str]:
     """Names of the complete parts (a ``sequences`` file exists), sorted."""
     folder = path / "sequences"
@@ -141,7 +132,7 @@ class CorpusWriter:
         else:
             meta = {**old, "runs": [*old.get("runs", []), meta.get("run", {})]}
         self.meta = meta
-        _atomic_write_json(meta, self.path / META_FILE)
+        write_json_atomic(self.path / META_FILE, meta, sort_keys=True, default=str)
         self.run_id = uuid.uuid4().hex[:8]
         self.count = 0
         self.rows_written = 0
