@@ -17,15 +17,17 @@ The draft model's own steps: trace the assistant in its own ``tracer.trace(assis
 
 from __future__ import annotations
 
-import warnings
+import functools
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import _hf_compat as hf
+from .assemble import token_texts
 from .assisted_records import AssistedTrace, DraftRound
-from .errors import NotSupportedError, TracerWarning
+from .errors import NotSupportedError
+from .generate_modes import end_status, given_and_returned, refuse_step_records, run_patched
 
 __all__ = ["AssistedRecorder", "generate", "requested"]
 
@@ -134,8 +136,6 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
     for key in ("assistant_tokenizer", "assistant_early_exit"):
         if kwargs.get(key) is not None:
             raise NotSupportedError(f"tracer does not record {key}= (assisted decoding across tokenizers / early exit)")
-    from .beam import refuse_step_records
-
     refuse_step_records(session.config, "assisted decoding")
     model = session.model
     if kwargs.get("assistant_model") is model:
@@ -143,43 +143,20 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
                                 "(or prompt_lookup_num_tokens=) to trace assisted decoding")
     recorder = AssistedRecorder(top_c=max(int(session.config.top_k), 1))
     name = hf.CANDIDATE_GENERATOR_METHOD
-    previous = model.__dict__.get(name)
-    model.__dict__[name] = recorder.wrap_factory(getattr(model, name))
-    output, status = None, "complete"
-    try:
-        output = original(*args, **kwargs)
-    except BaseException as exc:
-        status = f"error: {type(exc).__name__}: {exc}"
-        raise
-    finally:
-        session.pending_prompts = None
-        if previous is None:
-            model.__dict__.pop(name, None)
-        else:
-            model.__dict__[name] = previous
-        try:
-            session.assisted_traces.append(_build(session, recorder, args, kwargs, output, status))
-        except Exception as exc:  # noqa: BLE001 - never hide generate's result or error
-            warnings.warn(f"could not build the assisted-decoding trace: {exc!r}", TracerWarning, stacklevel=3)
-    return output
+    return run_patched(session, {name: recorder.wrap_factory(getattr(model, name))}, original, args, kwargs,
+                       into=session.assisted_traces, what="assisted-decoding",
+                       build=functools.partial(_build, session, recorder, args, kwargs))
 
 
 def _build(session: Any, rec: AssistedRecorder, args: tuple, kwargs: dict, output: Any, status: str) -> AssistedTrace:
-    if rec.error is None and output is not None and not rec.rounds:
-        rec.error = "generate ran no draft/verify round tracer could see (transformers' assisted decoding changed?)"
-    if rec.error is not None:
-        warnings.warn(f"assisted-decoding recording stopped: {rec.error}", TracerWarning, stacklevel=4)
-        status = f"recording stopped: {rec.error}" if status == "complete" else status
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    ids = ids if isinstance(ids, torch.Tensor) else torch.zeros(1, 0, dtype=torch.long)
-    seqs = getattr(output, "sequences", output)
-    seqs = seqs if isinstance(seqs, torch.Tensor) else torch.zeros(0, 0, dtype=torch.long)
+    status = end_status(rec, bool(rec.rounds), output, status, what="assisted-decoding",
+                        nothing="generate ran no draft/verify round tracer could see (transformers' assisted decoding changed?)")
+    ids, seqs = given_and_returned(args, kwargs, output)
     assistant = kwargs.get("assistant_model")
     source = f"assistant_model:{type(assistant).__name__}" if assistant is not None else "prompt_lookup"
     used = {int(t) for r in rec.rounds for t in np.concatenate([r.drafted, r.appended, r.verifier_top_ids.ravel()])}
     used |= {int(t) for t in seqs.reshape(-1).tolist()}
-    tok = session.tokenizer
-    text = {i: tok.decode([i]) for i in sorted(used)} if tok is not None else {}
+    text = token_texts(session.tokenizer, sorted(used)) if session.tokenizer is not None else {}
     return AssistedTrace(source=source, do_sample=rec.do_sample, prompt_ids=ids.to("cpu").numpy().astype(np.int64),
                          sequences=seqs.to("cpu").numpy().astype(np.int64), rounds=rec.rounds, token_text=text,
                          status=status)

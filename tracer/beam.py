@@ -14,33 +14,18 @@ the generation.  Records: :class:`tracer.beam_records.BeamTrace`.
 
 from __future__ import annotations
 
-import warnings
+import functools
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import _hf_compat as hf
+from .assemble import token_texts
 from .beam_records import BeamStep, BeamTrace
-from .errors import NotSupportedError, TracerWarning
+from .generate_modes import end_status, given_and_returned, refuse_step_records, run_patched
 
 __all__ = ["BeamRecorder", "generate", "refuse_step_records"]
-
-_STEP_FLAGS = ("full_logits", "modules", "logit_lens", "attention", "routing")
-_STEP_SELECTIONS = ("hidden_layers", "kv_layers")
-
-
-def refuse_step_records(config: Any, mode: str) -> None:
-    """Beam search and assisted decoding keep their own records, not the per-step ``Trace``:
-    refuse (before generating) a ``RecordConfig`` asking for per-step extras they would not record."""
-    asked = [n for n in _STEP_FLAGS if getattr(config, n, False)]
-    asked += [n for n in _STEP_SELECTIONS if getattr(config, n, None)]
-    if asked:
-        raise NotSupportedError(
-            f"{mode} is recorded as its own trace (candidates, acceptance), without per-step records: "
-            f"RecordConfig({', '.join(asked)}) cannot be recorded in this mode; trace greedy/sampling for those"
-        )
-
 
 def _np(t: torch.Tensor, dtype: Any = None) -> np.ndarray:
     out = t.detach().to("cpu").numpy()
@@ -140,46 +125,21 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
     refuse_step_records(session.config, "beam search")
     model = session.model
     recorder = BeamRecorder(top_c=max(int(session.config.top_k), 1))
-    saved = {name: model.__dict__.get(name) for name in hf.BEAM_METHODS}
-    for name in hf.BEAM_METHODS:
-        model.__dict__[name] = recorder.wrap(name, getattr(model, name))
-    output, status = None, "complete"
-    try:
-        output = original(*args, **kwargs)
-    except BaseException as exc:
-        status = f"error: {type(exc).__name__}: {exc}"
-        raise
-    finally:
-        session.pending_prompts = None
-        for name, previous in saved.items():
-            if previous is None:
-                model.__dict__.pop(name, None)
-            else:
-                model.__dict__[name] = previous
-        try:
-            session.beam_traces.append(_build(session, recorder, args, kwargs, output, status))
-        except Exception as exc:  # noqa: BLE001 - never hide generate's result or error
-            warnings.warn(f"could not build the beam trace: {exc!r}", TracerWarning, stacklevel=3)
-    return output
+    patches = {name: recorder.wrap(name, getattr(model, name)) for name in hf.BEAM_METHODS}
+    return run_patched(session, patches, original, args, kwargs, into=session.beam_traces, what="beam",
+                       build=functools.partial(_build, session, recorder, args, kwargs))
 
 
 def _build(session: Any, rec: BeamRecorder, args: tuple, kwargs: dict, output: Any, status: str) -> BeamTrace:
-    if rec.error is None and output is not None and not rec.steps:
-        rec.error = "generate ran no beam-search step tracer could see (transformers' beam search changed?)"
-    if rec.error is not None:
-        warnings.warn(f"beam recording stopped: {rec.error}", TracerWarning, stacklevel=4)
-        status = f"recording stopped: {rec.error}" if status == "complete" else status
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    ids = ids if isinstance(ids, torch.Tensor) else torch.zeros(1, 0, dtype=torch.long)
+    status = end_status(rec, bool(rec.steps), output, status, what="beam",
+                        nothing="generate ran no beam-search step tracer could see (transformers' beam search changed?)")
+    ids, seqs = given_and_returned(args, kwargs, output)
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) else torch.ones_like(ids)
-    seqs = getattr(output, "sequences", output)
-    seqs = seqs if isinstance(seqs, torch.Tensor) else torch.zeros(0, 0, dtype=torch.long)
     gc = kwargs.get("generation_config") or session.model.generation_config
     used = {int(t) for s in rec.steps for t in np.concatenate([s.cand_ids.ravel(), s.beam_top_ids.ravel()])}
     used |= {int(t) for t in seqs.reshape(-1).tolist()}
-    tok = session.tokenizer
-    text = {i: tok.decode([i]) for i in sorted(used)} if tok is not None else {}
+    text = token_texts(session.tokenizer, sorted(used)) if session.tokenizer is not None else {}
     return BeamTrace(
         num_beams=int(kwargs.get("num_beams", gc.num_beams)),
         num_return_sequences=int(kwargs.get("num_return_sequences", gc.num_return_sequences or 1)),
