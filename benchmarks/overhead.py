@@ -48,13 +48,16 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
+for _path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run from a checkout without installing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 os.environ.setdefault("TRACER_CACHE_DIR", str(REPO_ROOT / ".cache" / "tracer"))
 
 import tracer  # noqa: E402
 from tracer import MemoryBudgetError, RecordConfig  # noqa: E402
 from tracer._device import sync  # noqa: E402
+
+from spread import spread, stable  # noqa: E402  (benchmarks/spread.py: one rule for what may be published)
 
 PROMPT = "Explain in a few sentences how a key-value cache makes text generation faster."
 NEW_TOKENS = 128
@@ -116,9 +119,26 @@ def embedded_subject(device: torch.device) -> Subject:
     )
 
 
+def random_llama(config: Any, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa") -> Any:
+    """``LlamaForCausalLM(config)`` with seeded random weights, built directly on ``device`` in
+    ``dtype`` (no fp32 copy of a large model, nothing downloaded), in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.set_attn_implementation(attn_implementation)
+    return model.eval()
+
+
 def llama3_8b_shaped_subject(device: torch.device) -> Subject:
     """Llama-3-8B shapes with random weights in bf16, built directly on ``device`` (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         num_hidden_layers=32,
@@ -132,16 +152,7 @@ def llama3_8b_shaped_subject(device: torch.device) -> Subject:
         bos_token_id=128000,
         eos_token_id=[128001, 128009],
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # never materialise 32 GB of fp32 weights
-    try:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.set_attn_implementation("sdpa")
-    model.eval()
+    model = random_llama(config, device, torch.bfloat16)  # never materialise 32 GB of fp32 weights
 
     tok = None
     try:  # the Llama 3.2 tokenizer wheel; the GPU machine may lack it
@@ -343,17 +354,6 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-#: Largest accepted ``(max - min) / median`` of a configuration's rounds (as benchmarks/spread.py).
-STABLE_SPREAD = 0.25
-
-
-def _spread(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    med = statistics.median(xs)
-    return (max(xs) - min(xs)) / med if med > 0 else float("inf")
-
-
 def _median(xs: list[float]) -> float | None:
     return float(statistics.median(xs)) if xs else None
 
@@ -462,8 +462,8 @@ def measure_overhead(
             "paired_ratio_min": min(paired) if paired else None,
             "paired_ratio_max": max(paired) if paired else None,
             # rounds that disagree by more than 25% make the ratio unpublishable (benchmarks/spread.py)
-            "spread": _spread(times[name]),
-            "stable": _spread(times[name]) <= STABLE_SPREAD and _spread(times["plain"]) <= STABLE_SPREAD,
+            "spread": spread(times[name]),
+            "stable": stable(times[name]) and stable(times["plain"]),
             "tokens_per_s": new_tokens / med if med else None,
             "identical_to_plain": identical[name] if name not in errors else None,
             "recorded_bytes": recorded[name],

@@ -94,21 +94,12 @@ def llama_subject(layers: int, device: torch.device, *, hidden: int = 64, heads:
 
     ``tokenizer="auto"``: the embedded model's tokenizer when its vocabulary fits (49,152) and it
     is available, else fixed prompt ids and no tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2, **config_kw)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # never materialise fp32 weights of a large bf16 model
-    try:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.set_attn_implementation(attn_implementation)
-    model.eval()
+    model = ov.random_llama(config, device, dtype, attn_implementation)
     tok = None if isinstance(tokenizer, str) else tokenizer
     if tok is not None:
         from tracer.hooks import encode_prompts
