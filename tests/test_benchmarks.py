@@ -63,14 +63,61 @@ def test_overhead_structure(bench, subject):
     for name, row in rows.items():
         assert row["error"] is None, (name, row["error"])
         assert len(row["times_s"]) == REPEATS
-        assert row["median_s"] > 0 and row["ratio"] > 0
+        assert row["median_s"] > 0
+        if row["stable"] or name == "plain":  # a ratio is published only from rounds that agree
+            assert row["ratio"] > 0 and row["unstable_ratio"] is None
+        else:
+            assert row["ratio"] is None and row["unstable_ratio"] > 0 and row["reruns"] == 1
     for name in bench.MUST_MATCH:
         assert rows[name]["identical_to_plain"] is True
     for name in ("light", "modules", "attention", "full_logits"):
         assert rows[name]["recorded_bytes"] > 0
     assert rows["full_logits"]["recorded_bytes"] > rows["light"]["recorded_bytes"]
-    assert result["attention_vs_hf_eager_attn"] > 0
+    if rows["attention"]["stable"] and rows["hf_eager_attn"]["stable"]:
+        assert result["attention_vs_hf_eager_attn"] == pytest.approx(
+            rows["attention"]["ratio"] / rows["hf_eager_attn"]["ratio"])
+    else:
+        assert "attention_vs_hf_eager_attn" not in result
     assert subject.model.config._attn_implementation == "sdpa"  # eager switched back
+
+
+def test_unstable_rounds_are_rerun_and_never_published(bench, subject):
+    """A side whose rounds spread more than 25% is timed again (with fresh plain rounds); if
+    its rounds still disagree its ratio is not published, in the JSON or in the table."""
+    import time
+
+    import torch
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    calls = {"settles": 0, "shaky": 0}
+
+    def sleeper(name, pattern):
+        def run(s, n):
+            k = calls.setdefault(name, 0)
+            calls[name] = k + 1
+            time.sleep(pattern(k))
+            return ids, None
+        return run
+
+    configs = {
+        "plain": sleeper("plain", lambda k: 0.02),
+        # warm-up + 3 rounds swing 0.02 / 0.08; from the re-run on it runs steadily at 0.04
+        "settles": sleeper("settles", lambda k: (0.02, 0.08)[k % 2] if k < 4 else 0.04),
+        "shaky": sleeper("shaky", lambda k: (0.02, 0.08)[k % 2]),
+    }
+    result = bench.measure_overhead(subject, new_tokens=4, repeats=3, configs=configs)
+    rows = result["configs"]
+    assert rows["settles"]["reruns"] == 1 and rows["settles"]["stable"]
+    assert rows["settles"]["ratio"] == pytest.approx(2.0, rel=0.2)
+    assert len(rows["settles"]["times_s"]) == 3 and len(rows["settles"]["plain_times_s"]) == 3
+    assert rows["shaky"]["reruns"] == 1 and not rows["shaky"]["stable"]
+    assert rows["shaky"]["ratio"] is None and rows["shaky"]["unstable_ratio"] > 0
+    assert calls == {"plain": 1 + 3 + 3, "settles": 1 + 3 + 3, "shaky": 1 + 3 + 3}
+    md = bench.render_markdown({"machine": bench.machine_info(subject.device),
+                                "subjects": [{"name": "t", "description": "", "overhead": result}]})
+    shaky_row = next(line for line in md.splitlines() if line.startswith("| shaky |"))
+    assert "not published" in shaky_row and "×**" not in shaky_row
+    assert "×**" in next(line for line in md.splitlines() if line.startswith("| settles |"))
 
 
 def test_identity_assertion_catches_a_changed_result(bench, subject):
