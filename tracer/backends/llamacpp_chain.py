@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .llamacpp_convert import Snapshot
+from .llamacpp_convert import SELECTORS, Snapshot
 
 _DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True)
 
@@ -72,6 +72,10 @@ def build_chain(llm: Any, s: dict[str, Any]) -> tuple[Any, list[tuple[str, dict[
     return chain, spec
 
 
+_NO_IDS = np.zeros(0, np.int32)
+_NO_LOGITS = np.zeros(0, np.float32)
+
+
 class Sampler:
     """``llama_sampler_sample``'s body with a look at the array after each sampler."""
 
@@ -113,11 +117,15 @@ class Sampler:
         snaps: list[Snapshot] = []
         prev_ids: np.ndarray | None = None
         prev_logits: np.ndarray | None = None
-        for member, (name, params) in zip(self.members, self.spec):
+        last = len(self.members) - 1
+        for j, (member, (name, params)) in enumerate(zip(self.members, self.spec)):
             lc.llama_sampler_apply(member, self.array_p)
-            if self.traced:
+            if self.traced and j == last and name in SELECTORS:
+                # the pick is read from arr.selected; a selector's array is never a stage
+                snaps.append(Snapshot(name, params, _NO_IDS, _NO_LOGITS, False))
+            elif self.traced:
                 view = self._view()
-                ids, vals = view["id"].astype(np.int64), view["logit"].copy()
+                ids, vals = view["id"].copy(), view["logit"].copy()  # int32, as llama.cpp holds them
                 same = prev_ids is not None and prev_ids.shape == ids.shape and np.array_equal(prev_ids, ids) \
                     and np.array_equal(prev_logits, vals)
                 if prev_ids is None:  # the first sampler against the raw row

@@ -12,6 +12,7 @@ log-prob, KL to the previous stage, entropy).  Tests feed hand-made captures.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -45,8 +46,9 @@ SELECTORS = ("dist", "greedy")
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The token-data array after one sampler: ``ids`` `(n,)` int64 still in it, their ``logits``
-    `(n,)` float32 (n = the vocabulary when the sampler removed nothing)."""
+    """The token-data array after one sampler: ``ids`` `(n,)` (llama.cpp's int32) still in it,
+    their ``logits`` `(n,)` float32 (n = the vocabulary when the sampler removed nothing).  The
+    final selector (``greedy``/``dist``) is kept by name only, with empty arrays."""
 
     name: str
     params: Mapping[str, Any]
@@ -104,14 +106,22 @@ def _dense_logp(ids: np.ndarray, logp: np.ndarray, vocab: int) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _all_ids(vocab: int) -> np.ndarray:
+    ids = np.arange(vocab, dtype=np.int32)
+    ids.flags.writeable = False
+    return ids
+
+
 def stages_of(step: StepCapture, vocab: int, top_k: int) -> tuple[Stage, ...]:
     """Stage 0 = the raw row (``"logits"``), then one stage per non-selecting sampler."""
+    # ids stay in the integer type they came in (llama.cpp's int32): only the top-k leave as int64
     rows: list[tuple[str, Mapping[str, Any], np.ndarray, np.ndarray, bool]] = [
-        ("logits", {}, np.arange(vocab, dtype=np.int64), np.asarray(step.raw, np.float32), False)]
+        ("logits", {}, _all_ids(vocab), np.asarray(step.raw, np.float32), False)]
     for snap in step.snapshots:
         if snap.name in SELECTORS:
             continue
-        rows.append((snap.name, dict(snap.params), np.asarray(snap.ids, np.int64), np.asarray(snap.logits, np.float32),
+        rows.append((snap.name, dict(snap.params), np.asarray(snap.ids), np.asarray(snap.logits, np.float32),
                      snap.same_as_previous))
     chosen = int(step.chosen)
     stages: list[Stage] = []
@@ -124,7 +134,10 @@ def stages_of(step: StepCapture, vocab: int, top_k: int) -> tuple[Stage, ...]:
                                 kl=np.zeros(1, np.float32), entropy=prev.entropy))
             continue
         finite = np.isfinite(logits)
-        f_ids, f_logits = ids[finite], logits[finite].astype(np.float64)
+        if finite.all():  # the raw row, and every sampler that masks nothing: no gather
+            f_ids, f_logits = ids, logits.astype(np.float64)
+        else:
+            f_ids, f_logits = ids[finite], logits[finite].astype(np.float64)
         m = f_logits.max() if f_logits.size else 0.0
         lse = m + np.log(np.exp(f_logits - m).sum()) if f_logits.size else -np.inf
         logp = (f_logits - lse).astype(np.float32)
