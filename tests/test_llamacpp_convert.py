@@ -56,6 +56,20 @@ def test_stages_match_dense_arithmetic():
     assert stages[0].kl[0] == 0
 
 
+def test_top_k_tie_across_the_kth_place_goes_to_the_lowest_ids():
+    """Five ids share the 2nd-best value and top-3 keeps two of them: the lowest ids, whatever
+    order the array holds them in (a partial sort may keep any two)."""
+    raw = np.full(V, -3.0, np.float32)
+    raw[9] = 2.0
+    raw[[10, 7, 2, 5, 8]] = 1.0
+    ids = np.array([9, 10, 7, 2, 5, 8, 0, 1, 3, 4, 6, 11], np.int32)  # a sampler reordered it
+    snaps = [Snapshot("penalties", {}, ids, raw[ids])]
+    stages = stages_of(_capture(raw, snaps, 9), V, top_k=3)
+    assert [s.top.ids[0].tolist() for s in stages] == [[9, 2, 5], [9, 2, 5]]
+    assert stages[1].top.values[0].tolist() == [2.0, 1.0, 1.0]
+    assert stages[0].top.ids.dtype == np.int64
+
+
 def test_identity_sampler_reuses_previous_stage():
     raw = np.linspace(-1, 1, V, dtype=np.float32)
     snaps = [Snapshot("penalties", {}, np.arange(V), raw.copy(), same_as_previous=True)]
