@@ -8,12 +8,14 @@
    ``tracer.llamacpp_generate`` (``RecordConfig(top_k=10)``: the raw row and every sampler's
    array, the trace built).  Each run starts from an empty context (prefill included) and all
    three produce the same tokens (checked).  Greedy (the chain: penalties, greedy) and sampled
-   (create_completion's defaults: 7 samplers, seed fixed).  The machine is shared and loaded,
-   so the variants run back to back per prompt (their order rotating), and the figure is the
+   (create_completion's defaults: 7 samplers, seed fixed).  On a shared machine load comes and
+   goes, so the variants run back to back per prompt (their order rotating), and the figure is the
    median over (round, prompt) of the paired ratio traced / untraced (a slow minute slows
    both sides of a pair), in wall time and in the process's CPU time (llama.cpp runs on the
    calling thread with ``n_threads=1``, so CPU time counts the work, not the waiting for a
-   core); medians of the per-round totals are reported too.  Target: <= 1.10x.
+   core); medians of the per-round totals are reported too.  A wall-time ratio is published
+   only when both sides' per-round totals spread by at most 25% (benchmarks/spread.py).
+   Target: <= 1.10x.
 2. Speed: new tokens per second of llama.cpp (untraced, above) and of HF ``model.generate``
    (fp32, batch 1, greedy, 1 thread, the same prompts and the same number of new tokens, forced
    with ``min_new_tokens``), interleaved in the same rounds; vLLM's figure is read from
@@ -29,10 +31,16 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from spread import STABLE_SPREAD, spread, stable  # noqa: E402  (one rule for what may be published)
 
 QUESTIONS = ["What is the capital of France?", "Name three colors of the rainbow.",
              "Write one sentence about the sea.", "Why is the sky blue?", "How do plants make food?",
@@ -47,6 +55,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "llamacpp_overhead.json")
     args = ap.parse_args()
+    load_start = list(os.getloadavg())
 
     import torch
     from llama_cpp import Llama
@@ -129,8 +138,14 @@ def main() -> None:
                                          for m in modes) + f"; generate {hf_total:.2f}s", flush=True)
 
     med = {m: {v: statistics.median(times[m][v]) for v in variants} for m in modes}
+
+    def guarded(mode: str, variant: str) -> float | str:
+        if not (stable(times[mode][variant]) and stable(times[mode]["untraced"])):
+            return f"unstable: rounds spread more than {STABLE_SPREAD:.0%}, not published"
+        return round(statistics.median(pairs[mode][variant]), 3)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs (loaded), 1 thread each",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 thread each",
+        "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()),
         "versions": {"llama_cpp_python": __import__("llama_cpp").__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
         "gguf": default_gguf().name, "prompts": len(prompts), "max_tokens": n, "rounds": args.rounds,
@@ -140,16 +155,21 @@ def main() -> None:
         "traced_over_untraced_cpu": {m: round(statistics.median(cpu_pairs[m]["traced"]), 3) for m in modes},
         "tracer_loop_over_untraced_cpu": {m: round(statistics.median(cpu_pairs[m]["tracer_loop_unrecorded"]), 3)
                                           for m in modes},
-        "traced_over_untraced": {m: round(statistics.median(pairs[m]["traced"]), 3) for m in modes},
-        "tracer_loop_over_untraced": {m: round(statistics.median(pairs[m]["tracer_loop_unrecorded"]), 3)
-                                      for m in modes},
+        # a ratio is published only when both sides' per-round totals agree within STABLE_SPREAD
+        "spread": {m: {v: round(spread(times[m][v]), 3) for v in variants} for m in modes},
+        "traced_over_untraced": {m: guarded(m, "traced") for m in modes},
+        "tracer_loop_over_untraced": {m: guarded(m, "tracer_loop_unrecorded") for m in modes},
         "traced_over_untraced_of_median_totals": {m: round(med[m]["traced"] / med[m]["untraced"], 3) for m in modes},
         "llamacpp_untraced_tok_per_s": round(tokens["greedy"]["untraced"] / med["greedy"]["untraced"], 1),
         "llamacpp_traced_tok_per_s": round(tokens["greedy"]["traced"] / med["greedy"]["traced"], 1),
         "generate_times_s": hf_times, "generate_tokens": hf_tokens,
         "generate_tok_per_s": round(hf_tokens / statistics.median(hf_times), 1),
     }
-    result["llamacpp_over_generate"] = round(result["llamacpp_untraced_tok_per_s"] / result["generate_tok_per_s"], 2)
+    result["generate_spread"] = round(spread(hf_times), 3)
+    result["llamacpp_over_generate"] = (
+        round(result["llamacpp_untraced_tok_per_s"] / result["generate_tok_per_s"], 2)
+        if stable(hf_times) and stable(times["greedy"]["untraced"])
+        else f"unstable: rounds spread more than {STABLE_SPREAD:.0%}, not published")
     vllm = Path(__file__).parent / "results" / "vllm_overhead.json"
     if vllm.exists():
         v = json.loads(vllm.read_text())
