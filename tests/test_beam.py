@@ -3,6 +3,7 @@ against transformers' own ``output_scores`` / ``sequences_scores`` / ``beam_indi
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pytest
@@ -151,6 +152,31 @@ def test_embedded_beam_search(embedded):
             assert out.beam_indices[row, :len(h.tokens)].tolist() == [b * 4 + x for x in h.beams]
     assert "Paris" in "".join(bt.text(x) for x in bt.ranking(0)[0].tokens)
     assert "<svg" in beam_tree_svg(bt, 0)
+
+
+@pytest.mark.slow
+def test_embedded_beam_search_chinese_text_whole(embedded, tmp_path):
+    """A Chinese prompt: characters split over byte-level tokens come out whole in the
+    hypotheses' text (as the tokenizer decodes them), a token holding part of a character
+    shows its bytes escaped, and no view shows "\ufffd"."""
+    model, tok = embedded
+    texts, encoded, kw = tracer.prepare_generate(model, tok, ["用一句话介绍北京。"], max_new_tokens=10)
+    kw.update(num_beams=3, num_return_sequences=2, do_sample=False)
+    with tracer.trace(model, tok) as t:
+        model.generate(**encoded, **kw)
+    bt = t.beam
+    tokens = [t for h in bt.ranking(0) for t in h.tokens]
+    partial = [x for x in tokens if "\ufffd" in tok.decode([x])]
+    assert partial, "expected the answer to hold tokens with part of a character"
+    for h in bt.ranking(0):  # an answer cut mid-character ends with that character's bytes, escaped
+        shown, decoded = bt.text_of(h.tokens), tok.decode(list(h.tokens))
+        assert "\ufffd" not in shown
+        assert re.sub(r"(\\x[0-9a-f]{2})+$", "", shown) == decoded.rstrip("\ufffd")
+    assert all("\\x" in bt.text(x) and "\ufffd" not in bt.text(x) for x in partial)
+    page = beam_report_html(bt, tmp_path / "beam.html")
+    assert "\ufffd" not in page and "\ufffd" not in beam_tree_text(bt, 0)
+    loaded = BeamTrace.load(bt.save(tmp_path / "beam.json"))
+    assert loaded.token_bytes == bt.token_bytes and loaded.text_of(tokens) == bt.text_of(tokens)
 
 
 def test_per_step_extras_refused_in_beam_and_assisted_modes(model):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .jsonio import JsonFile
+from .text import TokenTexts
 
 __all__ = ["DraftRound", "AssistedTrace"]
 
@@ -44,7 +45,7 @@ class DraftRound:
 
 
 @dataclass
-class AssistedTrace(JsonFile):
+class AssistedTrace(TokenTexts, JsonFile):
     """One traced assisted ``generate`` call (batch 1, as transformers requires)."""
 
     source: str  # "assistant_model:<class>" or "prompt_lookup"
@@ -53,6 +54,7 @@ class AssistedTrace(JsonFile):
     sequences: np.ndarray  # (1, P + N) what generate returned
     rounds: list[DraftRound]
     token_text: dict[int, str] = field(default_factory=dict)
+    token_bytes: dict[int, bytes] = field(default_factory=dict)  # id -> the token's raw UTF-8 bytes
     status: str = "complete"
 
     @property
@@ -76,9 +78,6 @@ class AssistedTrace(JsonFile):
     def tokens_per_round(self) -> float:
         return sum(len(r.appended) for r in self.rounds) / max(self.num_rounds, 1)
 
-    def text(self, token_id: int) -> str:
-        return self.token_text.get(int(token_id), f"<{int(token_id)}>")
-
     def summary(self) -> dict[str, Any]:
         return {"source": self.source, "rounds": self.num_rounds, "drafted": self.drafted_total,
                 "accepted": self.accepted_total, "acceptance_rate": self.acceptance_rate,
@@ -100,7 +99,7 @@ class AssistedTrace(JsonFile):
             rounds.append(row)
         return {"format": "tracer-assisted/1", "source": self.source, "do_sample": self.do_sample,
                 "status": self.status, "prompt_ids": self.prompt_ids.tolist(), "sequences": self.sequences.tolist(),
-                "token_text": {str(k): v for k, v in self.token_text.items()}, "rounds": rounds}
+                **self.token_maps_to_json(), "rounds": rounds}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AssistedTrace":
@@ -115,7 +114,7 @@ class AssistedTrace(JsonFile):
         return cls(source=str(data["source"]), do_sample=bool(data["do_sample"]), status=str(data["status"]),
                    prompt_ids=np.asarray(data["prompt_ids"], dtype=np.int64),
                    sequences=np.asarray(data["sequences"], dtype=np.int64), rounds=rounds,
-                   token_text={int(k): str(v) for k, v in data["token_text"].items()})
+                   **cls.token_maps_from_json(data))
 
     def __repr__(self) -> str:
         rate = self.acceptance_rate

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .jsonio import JsonFile
+from .text import TokenTexts
 
 __all__ = ["BeamStep", "BeamTrace", "Hypothesis", "EMPTY_SCORE"]
 
@@ -70,7 +71,7 @@ class Hypothesis:
 
 
 @dataclass
-class BeamTrace(JsonFile):
+class BeamTrace(TokenTexts, JsonFile):
     """One traced beam-search ``generate`` call."""
 
     num_beams: int
@@ -83,6 +84,7 @@ class BeamTrace(JsonFile):
     sequences: np.ndarray  # (B * num_return_sequences, P + T) what generate returned
     steps: list[BeamStep]
     token_text: dict[int, str] = field(default_factory=dict)
+    token_bytes: dict[int, bytes] = field(default_factory=dict)  # id -> the token's raw UTF-8 bytes
     status: str = "complete"  # or the error that ended the run
 
     @property
@@ -96,9 +98,6 @@ class BeamTrace(JsonFile):
     @property
     def num_steps(self) -> int:
         return len(self.steps)
-
-    def text(self, token_id: int) -> str:
-        return self.token_text.get(int(token_id), f"<{int(token_id)}>")
 
     def lineage(self, seq: int, step: int, candidate: int) -> list[tuple[int, int]]:
         """``[(step, candidate), ...]`` from step 0 to ``(step, candidate)``: the path of one
@@ -148,7 +147,7 @@ class BeamTrace(JsonFile):
             "do_sample": self.do_sample, "status": self.status,
             "prompt_ids": self.prompt_ids.tolist(), "prompt_mask": self.prompt_mask.tolist(),
             "sequences": self.sequences.tolist(),
-            "token_text": {str(k): v for k, v in self.token_text.items()},
+            **self.token_maps_to_json(),
             "steps": [{"step": s.step, **{name: getattr(s, name).tolist() for name in _ARRAYS}} for s in self.steps],
         }
 
@@ -164,7 +163,7 @@ class BeamTrace(JsonFile):
                    prompt_ids=np.asarray(data["prompt_ids"], dtype=np.int64),
                    prompt_mask=np.asarray(data["prompt_mask"], dtype=np.int64),
                    sequences=np.asarray(data["sequences"], dtype=np.int64), steps=steps,
-                   token_text={int(k): str(v) for k, v in data["token_text"].items()})
+                   **cls.token_maps_from_json(data))
 
     def __repr__(self) -> str:
         return (f"BeamTrace(batch={self.batch_size}, num_beams={self.num_beams}, steps={self.num_steps}, "

@@ -314,3 +314,32 @@ def piece_of(trace: Any, token_id: Any) -> Piece:
     """One token on its own (a top-k candidate, a table cell): its own bytes, decoded where
     they hold whole characters, escaped where they hold part of one."""
     return pieces(trace, [token_id])[0]
+
+
+class TokenTexts:
+    """Token text for a record that keeps ``token_text`` (id -> text) and ``token_bytes`` (id ->
+    raw UTF-8 bytes), as :class:`~tracer.records.Trace` does: one token shown on its own, a run
+    of tokens decoded together (a character split over tokens comes out whole), and the JSON of
+    both maps (bytes as hex)."""
+
+    token_text: dict[int, str]
+    token_bytes: dict[int, bytes]
+
+    def text(self, token_id: int) -> str:
+        """One token for a label or table cell (:attr:`Piece.display`): partial bytes escaped."""
+        return piece_of(self, int(token_id)).display
+
+    def text_of(self, ids: Iterable[Any]) -> str:
+        """The text of a run of tokens, its characters whole."""
+        return running_text(pieces(self, ids))
+
+    def token_maps_to_json(self) -> dict[str, Any]:
+        return {"token_text": {str(k): v for k, v in self.token_text.items()},
+                "token_bytes": {str(k): bytes(v).hex() for k, v in self.token_bytes.items()}}
+
+    @staticmethod
+    def token_maps_from_json(data: dict[str, Any]) -> dict[str, Any]:
+        """The ``token_text``/``token_bytes`` keyword arguments from :meth:`token_maps_to_json`'s
+        output (files written before ``token_bytes`` existed have only texts)."""
+        return {"token_text": {int(k): str(v) for k, v in data.get("token_text", {}).items()},
+                "token_bytes": {int(k): bytes.fromhex(v) for k, v in data.get("token_bytes", {}).items()}}

@@ -107,7 +107,7 @@ def beam_tree_text(trace: BeamTrace, seq: int = 0) -> str:
                      f"{trace.text(node['token'])!r:<14} {node['score']:>9.4f}  -> {fate}")
     lines.append("ranking:")
     for h in tree["ranking"]:
-        text = "".join(trace.text(t) for t in h.tokens)
+        text = trace.text_of(h.tokens)
         lines.append(f"  #{h.rank} {h.score:.4f} (finished at step {h.step}){' returned' if h.returned else ''}: "
                      f"{text!r}")
     return "\n".join(lines)
@@ -119,7 +119,7 @@ def beam_report_html(trace: BeamTrace, path: Any = None) -> str:
     for b in range(trace.batch_size):
         rows = "".join(
             f"<tr><td>{h.rank}</td><td>{h.score:.4f}</td><td>{h.step}</td><td>{'yes' if h.returned else ''}</td>"
-            f"<td>{html.escape(''.join(trace.text(t) for t in h.tokens))}</td>"
+            f"<td>{html.escape(trace.text_of(h.tokens))}</td>"
             f"<td>{html.escape(' '.join(map(str, h.beams)))}</td></tr>" for h in trace.ranking(b))
         body.append(f"<h2>prompt {b}</h2>{beam_tree_svg(trace, b)}<table><tr><th>rank</th><th>score</th>"
                     f"<th>finished at step</th><th>returned</th><th>text</th><th>beam per step</th></tr>"
