@@ -41,6 +41,7 @@ def test_run_vllm_writes_predictions_generation_config_and_traces(llm, tmp_path)
         assert str(trace.stop_reasons[0]) == r["stop_reason"] and trace.num_new_tokens[0] == r["new_tokens"]
         assert backend_info(trace)["sampling_params"]["stop_token_ids"] == [tok.eos_token_id]
         assert (tmp_path / "out" / "t" / f"prompt_{i:03d}.html").is_file()
+        assert (tmp_path / "out" / "t" / f"prompt_{i:03d}.perfetto.json").is_file()  # as every engine writes
         assert r["time_s"] > 0
     # --no-trace: the same outputs, no traces
     plain = run_vllm(cli_args(tmp_path / "plain", no_trace=True, trace_dir=None), prompts, llm=llm)

@@ -107,6 +107,43 @@ def prompt_requests(tokenizer: Any, prompts: Iterable[str], args: Any) -> list[d
     return [b.vllm() for b in build_prompts(tokenizer, prompts, chat=chat, system=getattr(args, "system", None))]
 
 
+#: GiB of KV cache vLLM gets on CPU when ``VLLM_CPU_KVCACHE_SPACE`` is not set: vLLM's own
+#: default asks for 92% of the node's memory and refuses to start on a machine that has less free.
+CPU_KV_CACHE_GIB = (1, 4)  # at least 1, at most 4, a quarter of the memory available
+
+
+def cpu_kv_cache_gib() -> int:
+    """``VLLM_CPU_KVCACHE_SPACE`` for a CPU engine when the user set none: a quarter of the
+    memory available now, within :data:`CPU_KV_CACHE_GIB` (1 GiB holds ~22k tokens of the
+    embedded model)."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):  # not Linux
+        avail = 4.0
+    low, high = CPU_KV_CACHE_GIB
+    return max(low, min(high, int(avail // 4)))
+
+
+def start_engine(args: Any) -> Any:
+    """``vllm.LLM`` from the CLI flags (:func:`llm_kwargs`); on CPU the KV cache is sized by
+    :func:`cpu_kv_cache_gib` unless ``VLLM_CPU_KVCACHE_SPACE`` is set.  A failed start is one
+    CLI error naming the likely fix."""
+    from vllm import LLM
+
+    kw = llm_kwargs(args)
+    gpus = str(getattr(args, "gpus", None) or "")
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    if kw["enforce_eager"] and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # CPU (see llm_kwargs)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib())
+    try:
+        return LLM(**kw)
+    except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError/ValueError/... from its engine core
+        hint = (f"; on CPU its KV cache takes VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB: "
+                "set a smaller (or larger) value" if kw["enforce_eager"] else "")
+        raise _cli_error(f"vLLM's engine did not start ({type(exc).__name__}: {str(exc)[:300]}){hint}") from exc
+
+
 def run_vllm(
     args: Any,
     prompts: Iterable[str],
@@ -136,13 +173,7 @@ def run_vllm(
     from tracer.backends.vllm import engine_facts, traces_from_outputs, with_logprobs
 
     if llm is None:
-        kw = llm_kwargs(args)
-        gpus = str(getattr(args, "gpus", None) or "")
-        if gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-        from vllm import LLM
-
-        llm = LLM(**kw)
+        llm = start_engine(args)
     tok = tokenizer if tokenizer is not None else llm.get_tokenizer()
     config = generation_config(args, tok)
     if on_config is not None:
@@ -180,13 +211,10 @@ def run_vllm(
                 "time_s": _request_seconds(out, wall),
                 "notes": [],
             }
-            if tr is not None and trace_dir is not None:
-                base = Path(trace_dir) / f"prompt_{index:03d}"
-                tr.save(base.with_suffix(".trace"))
-                try:
-                    tr.to_html(base.with_suffix(".html"))
-                except (AttributeError, NotImplementedError) as exc:
-                    result["notes"].append(f"skipped to_html for prompt {index}: {exc or 'not implemented'}")
+            if tr is not None and trace_dir is not None:  # the files every engine writes
+                from tracer.cli.outputs import save_trace_files
+
+                result["notes"] += save_trace_files(tr, Path(trace_dir) / f"prompt_{index:03d}")
             results.append(result)
             if on_result is not None:
                 on_result(index, result)
@@ -217,5 +245,5 @@ def write_predictions(path: Path, results: list[dict[str, Any]], config: dict[st
     write_json_atomic(path.parent / "generation_config.json", config)
 
 
-__all__ = ["run_vllm", "llm_kwargs", "generation_config", "prompt_requests", "stop_settings", "write_predictions",
+__all__ = ["run_vllm", "start_engine", "cpu_kv_cache_gib", "llm_kwargs", "generation_config", "prompt_requests", "stop_settings", "write_predictions",
            "VLLMNotInstalledError"]

@@ -80,14 +80,14 @@ def run_vllm_corpus(args: Any, items: list[PromptItem], *, on_batch: Callable[[i
     import os
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from ..backends.vllm_cli import generation_config, llm_kwargs
+    from ..backends.vllm_cli import generation_config, llm_kwargs, start_engine
 
-    kw = llm_kwargs(args)
+    llm_kwargs(args)  # the flags' refusals, before the import
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
     except ImportError as exc:
         raise CorpusError(f"--use-vllm needs vLLM, which is not installed ({exc})") from None
-    llm = LLM(**kw)
+    llm = start_engine(args)
     config = generation_config(args, llm.get_tokenizer())
     return trace_corpus_vllm(llm, items, SamplingParams(**config), dataset=args.dataset, batch_size=args.batch_size,
                              chat=args.with_prompt, system=args.system, settings=config, on_batch=on_batch)
