@@ -127,6 +127,26 @@ def test_unreadable_data_file_logic(no_model, capsys, tmp_path, monkeypatch):
     refused(capsys, ["run", "--data-file", str(data)], "cannot read data file")
 
 
+def test_jsonl_data_file_gives_its_prompts_not_its_raw_lines(tmp_path):
+    """Without --dataset a JSONL file is read as --dataset reads it: the prompts, not the lines."""
+    data = tmp_path / "zh.jsonl"
+    data.write_text('{"id": "bj", "prompt": "用一句话介绍北京。"}\n\n{"prompt": "{not} a brace line"}\n',
+                    encoding="utf-8")
+    assert validation.read_prompt_file(data) == ["用一句话介绍北京。", "{not} a brace line"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("{name} is a placeholder, not JSON\nsecond\n", encoding="utf-8")
+    assert validation.read_prompt_file(plain) == ["{name} is a placeholder, not JSON", "second"]
+
+
+def test_jsonl_data_file_refusals_before_the_model(no_model, capsys, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "ok"}\n{"prompt": "ok", \n', encoding="utf-8")
+    refused(capsys, ["run", "--data-file", str(data)], "line 2")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text('{"prompt": "ok"}\n{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    refused(capsys, ["run", "--data-file", str(chat)], "line 2: chat 'messages' prompts are read with --dataset")
+
+
 def test_data_file_with_a_bom_and_blank_lines_is_read(tmp_path):
     data = tmp_path / "prompts.txt"
     data.write_bytes("\ufeff你好\r\n\r\n  second  \n".encode("utf-8"))

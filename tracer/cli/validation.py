@@ -9,6 +9,7 @@ without permission) is refused before the first prompt runs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
@@ -156,7 +157,34 @@ def read_prompt_file(path: Path) -> list[str]:
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise CliError(f"data file has no prompts: {shown(path)}")
+    if _is_json_object(prompts[0]):  # JSONL, as --dataset reads it: the prompts, not the raw lines
+        return _jsonl_prompts(path)
     return prompts
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _jsonl_prompts(path: Path) -> list[str]:
+    """The ``prompt`` of every line of a JSONL data file (read and checked as ``--dataset``
+    reads it: line numbers in every error); chat ``messages`` need ``--dataset``."""
+    from ..corpus.data import CorpusError, read_data_file
+
+    try:
+        items = read_data_file(path)
+    except CorpusError as exc:
+        raise CliError(str(exc)) from None
+    chat = next((it for it in items if not isinstance(it.prompt, str)), None)
+    if chat is not None:
+        raise CliError(f"{shown(path)}: line {chat.line}: chat 'messages' prompts are read with --dataset DIR; "
+                       "without it each line needs a text 'prompt'")
+    return [it.prompt for it in items]
 
 
 def check_trace_path(path: Path) -> None:
