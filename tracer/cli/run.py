@@ -69,8 +69,8 @@ def add_run_parser(sub: Any) -> argparse.ArgumentParser:
     src.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto: mps > cuda > cpu, as the seed)")
     src.add_argument("--gpus", default=None, metavar="IDS", help="visible GPUs, e.g. 0 or 0,1 (sets CUDA_VISIBLE_DEVICES)")
     src.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager (default: transformers' default)")
-    src.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (CUDA only)")
-    src.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (CUDA only)")
+    src.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes 4-bit (nf4; runs on CPU and CUDA with bitsandbytes >= 0.49)")
+    src.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit (LLM.int8; runs on CPU and CUDA with bitsandbytes >= 0.49)")
     src.add_argument("--use-vllm", action="store_true", help=f"generate with vLLM (needs the vllm extra: {VLLM_HINT})")
     src.add_argument("--engine", choices=("transformers", "llama.cpp"), default="transformers",
                      help="llama.cpp: run the GGUF file on llama.cpp (needs: pip install 'tracer[llamacpp]')")
