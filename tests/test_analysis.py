@@ -18,6 +18,7 @@ from tracer import RecordConfig
 from tracer.analysis import CompareError, compare, trace_table
 from tracer.records import MemoryStore, replace
 from tracer.testing import make_trace
+from tracer.text import display_width
 
 from conftest import make_inputs
 
@@ -415,3 +416,37 @@ def test_compare_and_tables_show_split_characters_whole():
     table = t.table()
     assert list(table["text"][:2]) == ["\\xe5\\x8c→北", "北"]
     assert not any("\ufffd" in str(x) for x in list(table["text"]) + list(table["top_text"]))
+
+
+def test_compare_answers_cut_mid_character_read_alike_on_every_backend():
+    """HF's decode ends an answer cut mid-character in U+FFFD, vLLM's leaves the bytes out: the
+    same tokens must not read as different texts. Both show the bytes escaped, no U+FFFD."""
+    t = make_trace(batch=1, steps=5, attention=False)
+    ids = [int(i) for i in t.generated_ids(0) if int(i) not in t.meta.terminators]
+    raw = {**t.token_bytes, ids[-1]: b"\xe5\x8c"}
+    head = b"".join(raw[i] for i in ids[:-1]).decode()
+    hf = dataclasses.replace(t, token_bytes=raw, output_text=[head + "\ufffd"])
+    vllm = dataclasses.replace(t, token_bytes=raw, output_text=[head])
+    s = compare(hf, vllm).summary()["sequences"][0]
+    assert s["text_a"] == s["text_b"] == head + "\\xe5\\x8c"
+    assert "\ufffd" not in compare(hf, vllm)._repr_html_()
+
+
+def test_compare_text_columns_align_with_wide_characters():
+    t = make_trace(batch=1, steps=5, attention=False, text="北京")
+    lines = [ln for ln in compare(t, _with_token(t, 0, 1, 7)).text(context=5).splitlines() if ln[2:6].strip().isdigit()]
+    assert any("北京" in ln for ln in lines) and any("北京" not in ln for ln in lines)
+    def column_starts(ln):  # display columns where "token b" begins and the right-aligned |Δlp| ends
+        end_a = ln.index(")")
+        end_b = ln.index(")", end_a + 1)
+        dlp = ln[end_b + 1:].split()[0]
+        return display_width(ln[: ln.index("'", end_a)]), display_width(ln[: ln.index(dlp, end_b) + len(dlp)])
+
+    assert len({column_starts(ln) for ln in lines}) == 1, lines
+
+
+def test_compare_text_shows_no_kl_after_the_divergence():
+    t = make_trace(batch=1, steps=5, attention=False)
+    lines = compare(t, _with_token(t, 0, 1, 7)).text(context=5).splitlines()
+    rows = {int(ln[2:6]): ln for ln in lines if ln[2:6].strip().isdigit()}
+    assert rows[0].rstrip()[-1] != "—" and all(rows[s].rstrip().endswith("—") for s in rows if s > 1)

@@ -316,3 +316,12 @@ def test_killed_run_keeps_finished_batches(tmp_path):
     assert len(kept.steps) == int(kept.sequences.num_tokens.sum())
     assert subprocess.run(argv, env=env, capture_output=True, timeout=300).returncode == 0
     assert sorted(open_dataset(d).sequences.prompt_id) == ["1", "2", "3", "4"]
+
+
+def test_compare_shows_a_cut_character_escaped_not_as_replacement_char():
+    """An answer cut mid-character: its last token's ``decoded`` is U+FFFD; the compare's texts
+    show that token's bytes escaped (its ``token_text``), as every other view does."""
+    from tracer.corpus.compare import _shown_pieces
+
+    steps = {"decoded": ["十", "", "日", "\ufffd"], "token_text": ["十", "\\xe6\\x97→日", "\\xa5", "\\xe7"]}
+    assert _shown_pieces(steps) == ["十", "", "日", "\\xe7"]

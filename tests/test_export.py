@@ -119,6 +119,17 @@ def test_html_shows_every_character_and_reads_back_the_text(tmp_path):
     assert "↵" in out  # the newline token's marker
 
 
+def test_perfetto_shows_each_character_on_the_token_that_completes_it():
+    trace = multibyte_trace()
+    shown = [e["args"]["chosen_tokens"][0] for e in trace_to_perfetto(trace)["traceEvents"]
+             if "chosen_tokens" in e.get("args", {})]
+    assert shown[:2] == ["\\xe5\\x8c→北", "北"]  # 北 = e5 8c 97, split 2 + 1
+    joined = "".join(shown)
+    for ch in "北京是中国的首都。👨👩👧好":
+        assert ch in joined, ch
+    assert "\ufffd" not in joined
+
+
 def test_text_views_and_inspect_have_no_replacement_char(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from tracer import viz

@@ -22,7 +22,7 @@ import numpy as np
 from .records import SCHEMA_VERSION, Trace, TraceFormatError, parse_blob_key
 from .storage import BLOBS, FORMAT_NAME, MANIFEST, TABLES, SafetensorsStore, load_trace
 from .text import html_text as _e
-from .text import piece_of, pieces, running_text, terminal_safe
+from .text import piece_of, pieces, running_text, terminal_safe, token_pieces
 from .viz.report import cache_html, generation_rows, maps_html, sequence_html, steps_table_html
 from .viz.shared import backend_of
 
@@ -317,6 +317,11 @@ def trace_to_perfetto(trace: Trace, path: str | os.PathLike[str] | None = None) 
     ]
     ts = 0.0
     nbytes = None if trace.cache is None else np.asarray(trace.cache.nbytes)
+    # each sequence's tokens decoded as one run: a character split over tokens is shown whole
+    # on the token that completes it (the others show their bytes and the character they lead to)
+    runs = [np.asarray([np.asarray(s.chosen).ravel()[b] for s in trace.steps], np.int64)
+            for b in range(int(np.asarray(trace.steps[0].chosen).size))] if trace.steps else []
+    shown_runs = [token_pieces(trace, run) for run in runs]
     for i, step in enumerate(trace.steps):
         # a step longer than a day is not a timing (a hostile or corrupt file): show it as 0
         t = float(step.time_s)
@@ -328,7 +333,8 @@ def trace_to_perfetto(trace: Trace, path: str | os.PathLike[str] | None = None) 
             "query_tokens": int(shape[1]) if len(shape) == 2 else 0,
             "cache_len_before": _count(step.inputs.cache_len_before),
             "chosen_ids": chosen,
-            "chosen_tokens": [piece_of(trace, c).display for c in chosen],
+            "chosen_tokens": [shown_runs[b][i] if b < len(shown_runs) else piece_of(trace, c).display
+                              for b, c in enumerate(chosen)],
             "chosen_prob": [_finite(float(p)) for p in np.asarray(step.chosen_prob).ravel()],
             "active": [bool(a) for a in np.asarray(step.active).ravel()],
         }

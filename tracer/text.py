@@ -93,6 +93,11 @@ def visible(text: str, *, blank: bool | None = None) -> str:
     return s
 
 
+def display_width(text: str) -> int:
+    """Terminal columns: East Asian wide/full-width characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def terminal_safe(s: Any, limit: int | None = None) -> str:
     """``s`` for one line of terminal output: control characters (escape sequences, bells,
     newlines), lone surrogates, line separators and bidi overrides escaped; emoji, ZWJ

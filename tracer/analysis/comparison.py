@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..records import Trace, TracerError, blob_key
-from ..text import terminal_safe, token_pieces
+from ..text import display_width, pieces, running_text, terminal_safe, token_pieces
 
 __all__ = ["CompareError", "Comparison", "compare", "StepView"]
 
@@ -228,8 +228,8 @@ class Comparison:
             "max_kl": max(kls) if kls else 0.0,
             "kl_exact": bool(rows) and all(r["kl_exact"] for r in rows if r["comparable"] and not np.isnan(r["kl"])),
             "mean_topk_overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
-            "text_a": self.a.generated_text[seq] if seq < self.a.batch_size else "",
-            "text_b": self.b.generated_text[seq] if seq < self.b.batch_size else "",
+            "text_a": _answer_text(self.a, seq),
+            "text_b": _answer_text(self.b, seq),
         }
         if div is not None:
             r = rows[div]
@@ -281,9 +281,11 @@ class Comparison:
             lines.append("  step  same  token a (lp)                token b (lp)                |Δlp|    KL")
             for r in shown:
                 mark = ">>" if r["step"] == div else "  "
+                # after the first divergence the two sides saw different tokens: no KL to show
+                kl = f"{r['kl']:>6.3g}" if r["comparable"] else f"{'—':>6}"
                 lines.append(f"{mark}{r['step']:>4}  {'yes' if r['same'] else 'no':<4}  "
-                             f"{_cell(r['text_a'], r['logprob_a']):<26}  {_cell(r['text_b'], r['logprob_b']):<26}  "
-                             f"{r['abs_dlogprob']:>6.3g}  {r['kl']:>6.3g}")
+                             f"{_pad(_cell(r['text_a'], r['logprob_a']), 26)}  {_pad(_cell(r['text_b'], r['logprob_b']), 26)}  "
+                             f"{r['abs_dlogprob']:>6.3g}  {kl}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -308,6 +310,25 @@ class Comparison:
                 "<table><tr><th>seq</th><th>first divergence</th><th>identical (shared steps)</th><th>max |Δlp|</th>"
                 "<th>mean |Δlp|</th><th>mean KL</th><th>text a</th><th>text b</th></tr>" + "".join(body)
                 + "</table></div>")
+
+
+def _answer_text(t: Trace, seq: int) -> str:
+    """The new text of ``seq`` for display, the same way for every backend: the tokens' bytes
+    decoded as one stream, bytes that make no character (an answer cut mid-character) shown
+    escaped as in every other view; the backend's own text where bytes were not recorded.
+    (HF's decode ends such an answer in U+FFFD, vLLM's leaves the bytes out: the same tokens
+    would otherwise read as a difference.)"""
+    if seq >= t.batch_size:
+        return ""
+    ids = [int(i) for i in t.generated_ids(seq) if int(i) not in t.meta.terminators]
+    if ids and all(i in t.token_bytes for i in ids):
+        return running_text(pieces(t, ids))
+    return t.generated_text[seq]
+
+
+def _pad(cell: str, width: int) -> str:
+    """``cell`` left-aligned in ``width`` terminal columns (a wide character takes two)."""
+    return cell + " " * max(width - display_width(cell), 0)
 
 
 def _cell(text: str | None, lp: float) -> str:

@@ -11,6 +11,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..text import display_width
+
 #: The seed script's two sample prompts (the default of ``tracer run``).
 DEFAULT_PROMPTS = ("为什么要减少污染，保护环境？", "你有什么建议？")
 
@@ -100,11 +102,6 @@ def shown(value: Any, limit: int = 300) -> str:
 def _truncate(text: str, width: int) -> str:
     text = shown(" ".join(text.split()), 10_000)
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def display_width(text: str) -> int:
-    """Terminal columns: East Asian wide/full-width characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def format_summary(results: Sequence[Result], width: int = 32) -> str:

@@ -25,7 +25,7 @@ from .dataset import CorpusDataset, open_dataset
 
 __all__ = ["CorpusComparison", "compare_datasets"]
 
-_STEP_COLS = ["prompt_id", "step", "token_id", "decoded", "logprob", "topk_ids", "topk_logprobs"]
+_STEP_COLS = ["prompt_id", "step", "token_id", "decoded", "token_text", "logprob", "topk_ids", "topk_logprobs"]
 
 
 def _kl_lb(ids_a, lp_a, ids_b, lp_b) -> float:
@@ -120,6 +120,13 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;ve
         return self.to_html()
 
 
+def _shown_pieces(steps: dict[str, list]) -> list[str]:
+    """What each token adds to the answer as shown: its ``decoded`` characters, or where those
+    hold U+FFFD (bytes that make no character, e.g. an answer cut mid-character) its
+    ``token_text``, the bytes escaped as in every other view."""
+    return [t if "\ufffd" in d else d for d, t in zip(steps["decoded"], steps["token_text"])]
+
+
 def _steps_by_prompt(ds: CorpusDataset) -> dict[str, dict[str, list]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -177,8 +184,8 @@ def compare_datasets(a: str | Path | CorpusDataset, b: str | Path | CorpusDatase
                 m_a = _margin(xa["topk_ids"][d], xa["topk_logprobs"][d], ta[d], tb[d])
                 m_b = _margin(xb["topk_ids"][d], xb["topk_logprobs"][d], tb[d], ta[d])
                 near_tie = any(not math.isnan(m) and abs(m) < tie_margin for m in (m_a, m_b))
-        text_a = xa["decoded"] if xa else []
-        text_b = xb["decoded"] if xb else []
+        text_a = _shown_pieces(xa) if xa else []
+        text_b = _shown_pieces(xb) if xb else []
         aligned[pid] = ("".join(text_a[:d]), "".join(text_a[d:]), "".join(text_b[d:]))
         all_d.extend(dlp)
         finite = [k for k in kls if math.isfinite(k)]
