@@ -345,6 +345,14 @@ def test_cli_compare_prints_and_writes_html(tmp_path, capsys):
     assert "first divergence at step 2" in page and "<b>&'x" not in page
 
 
+def test_cli_compare_names_the_sides_apart():
+    from tracer.analysis.cli import side_names
+
+    assert side_names("runs/hf/prompt_001.trace", "runs/vllm/prompt_001.trace") == (
+        "hf/prompt_001.trace", "vllm/prompt_001.trace")
+    assert side_names("a.trace", "x/b.trace") == ("a.trace", "b.trace")
+
+
 def test_cli_compare_errors(tmp_path):
     from tracer.analysis.cli import cmd_compare
 

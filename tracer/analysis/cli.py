@@ -40,6 +40,17 @@ def _stage(value: str) -> int | str:
         return value
 
 
+def side_names(a: str | Path, b: str | Path) -> tuple[str, str]:
+    """Labels of the two sides: the file names, with as many parent folders as it takes to
+    tell them apart (``d_hf/prompt_001.trace`` vs ``d_vllm/prompt_001.trace``)."""
+    pa, pb = Path(a).resolve().parts, Path(b).resolve().parts
+    for n in range(1, max(len(pa), len(pb)) + 1):
+        na, nb = "/".join(pa[-n:]), "/".join(pb[-n:])
+        if na != nb:
+            return na, nb
+    return str(a), str(b)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..corpus.dataset import is_dataset
 
@@ -54,7 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if not Path(path).exists():
             raise FileNotFoundError(f"no such trace: {path}")
     a, b = load_trace(args.a), load_trace(args.b)
-    diff = compare(a, b, stage=_stage(str(args.stage)), names=(Path(args.a).name, Path(args.b).name))
+    diff = compare(a, b, stage=_stage(str(args.stage)), names=side_names(args.a, args.b))
     print(diff.text(context=max(int(args.context), 0)))
     if args.html is not None:
         from ..viz.compare import compare_html
