@@ -5,8 +5,9 @@
 Serves a throw-away copy of ``notebooks/`` with JupyterLab on 127.0.0.1 (free port, token auth,
 throw-away settings, runtime and checkpoint folders), drives Debian's ``/usr/bin/chromium`` through
 the Python ``playwright`` package (never ``playwright install``), and for each notebook: open it as
-committed (stored outputs and figures must show before anything runs), then a copy with its outputs
-cleared: Run All,
+committed (stored outputs and figures must show before anything runs, and the browser must log no
+console or page error once the kernel is up and the saved widget state restored), then a copy with
+its outputs cleared: Run All,
 wait until every non-empty code cell has an execution count (or an error output appeared), check
 that no cell shows an error, that widgets and plotly figures rendered, and — in notebook 02 — that
 moving the step explorer's slider with the keyboard changes the text shown. A full-page screenshot
@@ -19,6 +20,7 @@ Importable: :func:`run_check` returns a report dict and raises :class:`BrowserCh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
@@ -48,6 +50,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ERROR_MIME = "application/vnd.jupyter.error"
+_HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None  # the kernel runs this interpreter
 
 #: What each notebook must show once run: CSS selector -> minimum count.
 EXPECTED: dict[str, dict[str, int]] = {
@@ -65,9 +68,9 @@ EXPECTED: dict[str, dict[str, int]] = {
         ".jp-OutputArea-output .widget-image": 2,  # grid and enlarged head
         ".jp-OutputArea-output img": 7,  # + the static figures (KV growth, structure, grid, head, sinks, lens)
     },
-    "04_compare.ipynb": {
-        ".jp-OutputArea-output .widget-slider [role=slider]": 1,  # the comparison view's step slider
-        ".jp-OutputArea-output .js-plotly-plot": 1,  # its |Δ log-prob| / KL plot
+    "04_compare.ipynb": {  # comparison views: sdpa vs eager on every install, fp32 vs 4-bit with bitsandbytes
+        ".jp-OutputArea-output .widget-slider [role=slider]": 1 + _HAS_BNB,  # each view's step slider
+        ".jp-OutputArea-output .js-plotly-plot": 1 + _HAS_BNB,  # each view's |Δ log-prob| / KL plot
         ".jp-OutputArea-output img": 1,  # the forward-replay figure
     },
     "05_seed_script.ipynb": {
@@ -263,6 +266,12 @@ async () => {
 }
 """ % _JS_PANEL
 
+_JS_KERNEL_READY = "async () => { await (%s)().sessionContext.ready; }" % _JS_PANEL
+_JS_KERNEL_STATUS = """
+() => { const k = (%s)().sessionContext.session?.kernel; return k ? k.status : 'none'; }
+""" % _JS_PANEL
+_RESTORE_SETTLE_MS = 4000
+
 _JS_PROGRESS = """
 () => {
   const w = (%s)();
@@ -329,24 +338,42 @@ def _move_step_explorer(page: Any, report: dict) -> None:
     report["slider"] = {"before": before[:120], "after_has_step_3": "model inputs, step 3" in after}
 
 
+def _console_error_text(msg: Any) -> str:
+    loc = msg.location or {}
+    where = f" ({loc.get('url', '')}:{loc.get('lineNumber', '')})" if loc.get("url") else ""
+    return f"console.error: {msg.text}{where}"
+
+
 def check_saved(browser: Any, server: Server, name: str) -> dict:
-    """Open the notebook as committed, without running it: its stored figures and outputs show."""
+    """Open the notebook as committed, without running it: its stored figures and outputs show,
+    and the browser logs no console error and no page error while the saved widget state is
+    restored (a saved model JupyterLab cannot create logs "widget model not found")."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    browser_errors: list[str] = []
+    page.on("console", lambda msg: browser_errors.append(_console_error_text(msg)) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: browser_errors.append(f"page error: {exc}"))
     try:
         page.goto(f"{server.base}/lab/tree/saved/{name}?reset&token={server.token}", wait_until="domcontentloaded")
         page.wait_for_function(f"({_JS_PANEL})() !== null", timeout=120_000)
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
         page.wait_for_timeout(2000)
+        # The widget manager restores the saved widget state once the kernel answers; a model it
+        # cannot create is reported after get_model's 2 s wait for it: wait for the kernel, then longer.
+        page.evaluate(_JS_KERNEL_READY)
+        _wait_for(lambda: page.evaluate(_JS_KERNEL_STATUS) == "idle", 120, f"{name}'s kernel to be idle")
+        page.wait_for_timeout(_RESTORE_SETTLE_MS)
         outputs = page.locator(".jp-OutputArea-output").count()
         images = page.evaluate(
             "() => [...document.querySelectorAll('.jp-OutputArea-output img')].filter(i => i.complete && i.naturalWidth).length"
         )
         errors = page.locator(f'.jp-RenderedText[data-mime-type="{ERROR_MIME}"]').count()
-        report = {"outputs": outputs, "images": images}
+        report = {"outputs": outputs, "images": images, "browser_errors": list(browser_errors)}
         least = EXPECTED_SAVED.get(name, 0)
-        if not outputs or images < least or errors:
+        if not outputs or images < least or errors or browser_errors:
+            shown = "".join(f"\n    {e[:500]}" for e in browser_errors[:10])
             raise BrowserCheckError(
-                f"{name} as committed: {outputs} outputs, {images} images (expected >= {least}), {errors} errors"
+                f"{name} as committed: {outputs} outputs, {images} images (expected >= {least}), {errors} errors, "
+                f"{len(browser_errors)} browser console/page error(s){shown}"
             )
         return report
     finally:

@@ -5,9 +5,10 @@
 Each notebook runs top to bottom in a fresh ``python3`` kernel (working directory: a temporary
 folder, so nothing is written beside the notebooks), with this checkout first on ``PYTHONPATH``
 and ``TRACER_CACHE_DIR`` defaulting to ``.cache/tracer``.  Outputs (text, HTML tables, PNG
-figures) and the ipywidgets state are stored in the ``.ipynb``; per-cell timing metadata is
-not, so a re-run changes only what the notebook shows.  A failing cell stops with its error
-and leaves the committed file untouched.
+figures) and the ipywidgets state are stored in the ``.ipynb`` (less the stale buffers nbclient
+keeps, which would stop JupyterLab restoring any widget: :func:`drop_orphan_buffers`); per-cell
+timing metadata is not, so a re-run changes only what the notebook shows.  A failing cell stops
+with its error and leaves the committed file untouched.
 
 On a machine whose cores are busy with other work, run with ``OMP_NUM_THREADS=1``: torch's
 intra-op threads then do not wait on each other (here a 32-token generation took 4 s with one
@@ -51,6 +52,50 @@ def slim_widget_state(nb) -> int:
     return slimmed
 
 
+def _lands(state, path) -> bool:
+    """Whether a buffer stored at ``path`` has a place in ``state``: every step but the last walks
+    into an existing dict key or list index, as the widget manager's ``put_buffers`` does."""
+    node = state
+    for key in path[:-1]:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node):
+            node = node[key]
+        else:
+            return False
+    return isinstance(node, dict) or (isinstance(node, list) and isinstance(path[-1], int))
+
+
+def drop_orphan_buffers(nb) -> int:
+    """Remove saved widget buffers that have no place in their model's final state; returns how many.
+
+    nbclient keeps every binary buffer a widget ever sent, keyed by path, even after a later update
+    replaced the field: plotly's ``FigureWidget`` sends a trace's numpy arrays as buffers under
+    ``_py2js_addTraces`` and then sets that field to ``None``.  JupyterLab's widget manager puts
+    each buffer back into the state before creating the models; one that cannot land there throws,
+    which aborts restoring the whole notebook's widgets: "widget model not found" in the browser
+    console, and no saved view can render."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    dropped = 0
+    for model in state.values():
+        buffers = model.get("buffers")
+        if not buffers:
+            continue
+        kept = [b for b in buffers if _lands(model.get("state", {}), b["path"])]
+        dropped += len(buffers) - len(kept)
+        if kept:
+            model["buffers"] = kept
+        else:
+            model.pop("buffers")
+    return dropped
+
+
+def tidy_widget_state(nb) -> None:
+    """What every executed notebook goes through before it is written (and the tests check)."""
+    drop_orphan_buffers(nb)
+    slim_widget_state(nb)
+
+
 def execute(path: Path, *, timeout: int = 600) -> tuple[float, int]:
     """Run ``path`` and write it back with outputs; (seconds, bytes written)."""
     import nbclient
@@ -70,7 +115,7 @@ def execute(path: Path, *, timeout: int = 600) -> tuple[float, int]:
         client.execute()
         elapsed = time.perf_counter() - start
     nb.metadata.pop("papermill", None)
-    slim_widget_state(nb)
+    tidy_widget_state(nb)
     nbformat.validate(nb)
     text = nbformat.writes(nb) + "\n"
     if len(text.encode()) > MAX_BYTES:
