@@ -7,7 +7,7 @@
    loop), ``tracer.llamacpp_complete`` (the tracer's loop, nothing recorded) and
    ``tracer.llamacpp_generate`` (``RecordConfig(top_k=10)``: the raw row and every sampler's
    array, the trace built).  Each run starts from an empty context (prefill included) and all
-   three produce the same tokens (checked).  Greedy (the chain: penalties, greedy) and sampled
+   three produce the same text (checked; create_completion's token count leaves out the end token).  Greedy (the chain: penalties, greedy) and sampled
    (create_completion's defaults: 7 samplers, seed fixed).  On a shared machine load comes and
    goes, so the variants run back to back per prompt (their order rotating), and the figure is the
    median over (round, prompt) of the paired ratio traced / untraced (a slow minute slows

@@ -810,7 +810,8 @@ def _resolve_device(choice: str) -> torch.device:
 def _ratio_cell(r: dict[str, Any]) -> str:
     """The published ratio, or why there is none: rounds that still disagreed after re-running."""
     if r.get("ratio") is None and r.get("unstable_ratio") is not None:
-        return f"unstable (rounds spread {r['spread']:.0%}, re-run {r.get('reruns', 0)}×): not published"
+        worst = max(r["spread"], spread(r.get("plain_times_s") or []))  # its own rounds or plain's
+        return f"unstable (rounds spread {worst:.0%}, re-run {r.get('reruns', 0)}×): not published"
     return f"**{_f(r.get('ratio'), '.2f')}×**"
 
 

@@ -441,9 +441,9 @@ def test_compare_answers_cut_mid_character_read_alike_on_every_backend():
 
 
 def test_compare_text_columns_align_with_wide_characters():
-    t = make_trace(batch=1, steps=5, attention=False, text="北京")
+    t = make_trace(batch=1, steps=5, attention=False, text="北京是中国的首都也是一座古城")  # wider than the column
     lines = [ln for ln in compare(t, _with_token(t, 0, 1, 7)).text(context=5).splitlines() if ln[2:6].strip().isdigit()]
-    assert any("北京" in ln for ln in lines) and any("北京" not in ln for ln in lines)
+    assert any("北京是" in ln for ln in lines) and any("北京" not in ln for ln in lines)
     def column_starts(ln):  # display columns where "token b" begins and the right-aligned |Δlp| ends
         end_a = ln.index(")")
         end_b = ln.index(")", end_a + 1)

@@ -142,6 +142,9 @@ def test_jsonl_data_file_refusals_before_the_model(no_model, capsys, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "ok"}\n{"prompt": "ok", \n', encoding="utf-8")
     refused(capsys, ["run", "--data-file", str(data)], "line 2")
+    first = tmp_path / "first.jsonl"
+    first.write_text('{"prompt": "a broken first line"\n{"prompt": "ok"}\n', encoding="utf-8")
+    refused(capsys, ["run", "--data-file", str(first)], "line 1")  # not sent as raw text
     chat = tmp_path / "chat.jsonl"
     chat.write_text('{"prompt": "ok"}\n{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     refused(capsys, ["run", "--data-file", str(chat)], "line 2: chat 'messages' prompts are read with --dataset")

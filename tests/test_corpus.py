@@ -323,5 +323,6 @@ def test_compare_shows_a_cut_character_escaped_not_as_replacement_char():
     show that token's bytes escaped (its ``token_text``), as every other view does."""
     from tracer.corpus.compare import _shown_pieces
 
-    steps = {"decoded": ["十", "", "日", "\ufffd"], "token_text": ["十", "\\xe6\\x97→日", "\\xa5", "\\xe7"]}
-    assert _shown_pieces(steps) == ["十", "", "日", "\\xe7"]
+    steps = {"decoded": ["十", "", "日", "\ufffd", ""],
+             "token_text": ["十", "\\xe6\\x97→日", "\\xa5", "\\xe5", "\\x8c"]}
+    assert _shown_pieces(steps) == ["十", "", "日", "\\xe5", "\\x8c"]  # e5 8c: 北 cut after two of its bytes

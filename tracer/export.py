@@ -319,8 +319,8 @@ def trace_to_perfetto(trace: Trace, path: str | os.PathLike[str] | None = None) 
     nbytes = None if trace.cache is None else np.asarray(trace.cache.nbytes)
     # each sequence's tokens decoded as one run: a character split over tokens is shown whole
     # on the token that completes it (the others show their bytes and the character they lead to)
-    runs = [np.asarray([np.asarray(s.chosen).ravel()[b] for s in trace.steps], np.int64)
-            for b in range(int(np.asarray(trace.steps[0].chosen).size))] if trace.steps else []
+    width = min((int(np.asarray(s.chosen).size) for s in trace.steps), default=0)  # a corrupt file may vary
+    runs = [np.asarray([np.asarray(s.chosen).ravel()[b] for s in trace.steps], np.int64) for b in range(width)]
     shown_runs = [token_pieces(trace, run) for run in runs]
     for i, step in enumerate(trace.steps):
         # a step longer than a day is not a timing (a hostile or corrupt file): show it as 0

@@ -27,7 +27,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | 
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given: mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -36,6 +36,12 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | 
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class JsonFile:

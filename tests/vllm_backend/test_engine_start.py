@@ -1,7 +1,7 @@
 """Starting vLLM from the CLI flags, without vLLM (a stand-in ``vllm`` module): on CPU the KV
 cache is sized unless the user set ``VLLM_CPU_KVCACHE_SPACE`` (vLLM's own default asks for 92%
-of the machine's memory and refuses to start with less free), and a failed start is one CLI
-error that names the fix."""
+of the machine's memory and refuses to start with less free), for that engine only, and a
+failed start is one CLI error that names the fix."""
 
 from __future__ import annotations
 
@@ -29,27 +29,35 @@ def fake_vllm(monkeypatch):
     class LLM:
         def __init__(self, **kw):
             seen["space"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-            seen["kw"] = kw
             if seen.get("fail"):
-                raise RuntimeError("Engine core initialization failed. See root cause above.")
+                raise RuntimeError(seen["fail"])
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
     return seen
 
 
-def test_cpu_kv_cache_is_sized_when_unset(fake_vllm, monkeypatch):
+@pytest.mark.parametrize("free, gib", [(2.0, 1), (6.0, 1), (12.0, 3), (64.0, 4)])
+def test_cpu_kv_cache_is_a_quarter_of_the_free_memory_within_1_to_4_gib(monkeypatch, free, gib):
+    monkeypatch.setattr(vllm_cli, "_available_gib", lambda: free)
+    assert vllm_cli.cpu_kv_cache_gib() == gib
+
+
+def test_sized_for_this_engine_only_when_unset(fake_vllm, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 6 * 2**18, "SC_PAGE_SIZE": 4096}[name])
+    monkeypatch.setattr(vllm_cli, "_available_gib", lambda: 12.0)
     vllm_cli.start_engine(_args())
-    assert fake_vllm["space"] == "1"  # a quarter of 6 GiB, at least 1
-    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 64 * 2**18, "SC_PAGE_SIZE": 4096}[name])
-    assert vllm_cli.cpu_kv_cache_gib() == 4  # at most 4
+    assert fake_vllm["space"] == "3" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    assert 0 < vllm_cli._available_gib() < 2**20  # the real /proc/meminfo reads as GiB
 
 
 def test_user_setting_is_kept_and_a_failed_start_is_one_error(fake_vllm, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0.5")
     vllm_cli.start_engine(_args())
-    assert fake_vllm["space"] == "0.5"
-    fake_vllm["fail"] = True
+    assert fake_vllm["space"] == "0.5" and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "0.5"
+    fake_vllm["fail"] = "Engine core initialization failed. See root cause above."
     with pytest.raises(CliError, match=r"did not start \(RuntimeError: Engine core.*VLLM_CPU_KVCACHE_SPACE=0\.5 GiB"):
         vllm_cli.start_engine(_args())
+    fake_vllm["fail"] = "no such model: /x"
+    with pytest.raises(CliError) as err:
+        vllm_cli.start_engine(_args())
+    assert "no such model" in str(err.value) and "KVCACHE" not in str(err.value)

@@ -43,7 +43,7 @@ def _stage(value: str) -> int | str:
 def side_names(a: str | Path, b: str | Path) -> tuple[str, str]:
     """Labels of the two sides: the file names, with as many parent folders as it takes to
     tell them apart (``d_hf/prompt_001.trace`` vs ``d_vllm/prompt_001.trace``)."""
-    pa, pb = Path(a).resolve().parts, Path(b).resolve().parts
+    pa, pb = Path(a).absolute().parts[1:], Path(b).absolute().parts[1:]  # as typed: links not followed
     for n in range(1, max(len(pa), len(pb)) + 1):
         na, nb = "/".join(pa[-n:]), "/".join(pb[-n:])
         if na != nb:

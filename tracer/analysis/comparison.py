@@ -334,7 +334,18 @@ def _pad(cell: str, width: int) -> str:
 def _cell(text: str | None, lp: float) -> str:
     if text is None:
         return "—"
-    return f"'{terminal_safe(text)}'"[:18] + f" ({lp:.3f})"  # the display piece, terminal-safe
+    return _clip(f"'{terminal_safe(text)}'", 18) + f" ({lp:.3f})"  # the display piece, terminal-safe
+
+
+def _clip(s: str, cols: int) -> str:
+    """The longest start of ``s`` that fits in ``cols`` terminal columns."""
+    out, used = [], 0
+    for ch in s:
+        used += display_width(ch)
+        if used > cols:
+            break
+        out.append(ch)
+    return "".join(out)
 
 
 def compare(a: Trace, b: Trace, *, stage: int | str = 0, names: tuple[str, str] = ("a", "b"),

@@ -112,16 +112,21 @@ def prompt_requests(tokenizer: Any, prompts: Iterable[str], args: Any) -> list[d
 CPU_KV_CACHE_GIB = (1, 4)  # at least 1, at most 4, a quarter of the memory available
 
 
+def _available_gib() -> float:
+    """``MemAvailable`` of /proc/meminfo in GiB (4.0 where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 4.0
+
+
 def cpu_kv_cache_gib() -> int:
     """``VLLM_CPU_KVCACHE_SPACE`` for a CPU engine when the user set none: a quarter of the
     memory available now, within :data:`CPU_KV_CACHE_GIB` (1 GiB holds ~22k tokens of the
     embedded model)."""
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except (ValueError, OSError, AttributeError):  # not Linux
-        avail = 4.0
     low, high = CPU_KV_CACHE_GIB
-    return max(low, min(high, int(avail // 4)))
+    return max(low, min(high, int(_available_gib() // 4)))
 
 
 def start_engine(args: Any) -> Any:
@@ -134,14 +139,22 @@ def start_engine(args: Any) -> Any:
     gpus = str(getattr(args, "gpus", None) or "")
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-    if kw["enforce_eager"] and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # CPU (see llm_kwargs)
+    sized = kw["enforce_eager"] and not os.environ.get("VLLM_CPU_KVCACHE_SPACE")  # CPU (see llm_kwargs)
+    if sized:  # for this engine only (its workers start inside LLM()): a later engine sizes its own
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib())
+    space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     try:
         return LLM(**kw)
     except Exception as exc:  # noqa: BLE001 - vLLM raises RuntimeError/ValueError/... from its engine core
-        hint = (f"; on CPU its KV cache takes VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB: "
-                "set a smaller (or larger) value" if kw["enforce_eager"] else "")
-        raise _cli_error(f"vLLM's engine did not start ({type(exc).__name__}: {str(exc)[:300]}){hint}") from exc
+        text = f"{type(exc).__name__}: {str(exc)[:300]}"
+        hint = ""
+        if kw["enforce_eager"] and ("memory" in str(exc).lower() or "initialization failed" in str(exc).lower()):
+            hint = (f"; on CPU its KV cache takes VLLM_CPU_KVCACHE_SPACE={space} GiB"
+                    f"{' (set by tracer: a quarter of the free memory)' if sized else ''}: set a smaller or larger value")
+        raise _cli_error(f"vLLM's engine did not start ({text}){hint}") from exc
+    finally:
+        if sized:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 
 
 def run_vllm(

@@ -132,7 +132,8 @@ def _stat(path: Path, what: str) -> os.stat_result | None:
 
 
 def read_prompt_file(path: Path) -> list[str]:
-    """The non-empty stripped lines of a UTF-8 text file (a BOM is allowed)."""
+    """The non-empty stripped lines of a UTF-8 text file (a BOM is allowed), or the prompts of a
+    JSONL file (see :func:`_is_json_object`)."""
     st = _stat(path, "data file")
     if st is None:
         raise CliError(f"data file not found: {shown(path)}")
@@ -163,6 +164,10 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def _is_json_object(line: str) -> bool:
+    """JSONL, as ``--dataset`` reads it, when the first line is a JSON object or starts like one
+    (``{"``: a malformed one is then reported with its line number); ``{name} ...`` is text."""
+    if line.startswith('{"'):
+        return True
     if not line.startswith("{"):
         return False
     try:

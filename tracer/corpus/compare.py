@@ -123,8 +123,17 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;ve
 def _shown_pieces(steps: dict[str, list]) -> list[str]:
     """What each token adds to the answer as shown: its ``decoded`` characters, or where those
     hold U+FFFD (bytes that make no character, e.g. an answer cut mid-character) its
-    ``token_text``, the bytes escaped as in every other view."""
-    return [t if "\ufffd" in d else d for d, t in zip(steps["decoded"], steps["token_text"])]
+    ``token_text``, the bytes escaped as in every other view, and so for the tokens after it
+    that add nothing (``decoded`` empty: more bytes of the same unfinished character)."""
+    out, broken = [], False
+    for d, t in zip(steps["decoded"], steps["token_text"]):
+        if "\ufffd" in d or (broken and d == ""):
+            out.append(t)
+            broken = True
+        else:
+            out.append(d)
+            broken = False
+    return out
 
 
 def _steps_by_prompt(ds: CorpusDataset) -> dict[str, dict[str, list]]:
