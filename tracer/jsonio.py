@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["JsonFile", "write_json_atomic"]
+__all__ = ["JsonFile", "current_umask", "write_json_atomic"]
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2,
@@ -27,7 +27,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | 
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given: mkstemp makes it 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # what open() would have given: mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,7 +38,8 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, indent: int | 
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -28,6 +28,7 @@ import safetensors
 import safetensors.numpy as st_numpy
 
 from .errors import TraceFormatError
+from .jsonio import current_umask
 from .decode import decode_trace
 from .encode import encode_trace
 from .manifest import (
@@ -80,7 +81,7 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         ]
         text = json.dumps(manifest, indent=1, ensure_ascii=False)
         (tmp / MANIFEST).write_bytes(text.encode("utf-8"))
-        mode = 0o666 & ~_umask()  # safetensors writes 0600; give all three files the usual mode
+        mode = 0o666 & ~current_umask()  # safetensors writes 0600; give all three files the usual mode
         for name in (TABLES, BLOBS, MANIFEST):
             os.chmod(tmp / name, mode)
             with open(tmp / name, "rb+") as f:
@@ -103,12 +104,6 @@ def save_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _replaceable(target: Path) -> bool:
