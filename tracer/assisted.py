@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from . import _hf_compat as hf
-from .assemble import token_bytes, token_texts
 from .assisted_records import AssistedTrace, DraftRound
 from .errors import NotSupportedError
-from .generate_modes import end_status, given_and_returned, refuse_step_records, run_patched
+from .generate_modes import end_status, given_and_returned, refuse_step_records, run_patched, token_maps
 
 __all__ = ["AssistedRecorder", "generate", "requested"]
 
@@ -156,8 +155,6 @@ def _build(session: Any, rec: AssistedRecorder, args: tuple, kwargs: dict, outpu
     source = f"assistant_model:{type(assistant).__name__}" if assistant is not None else "prompt_lookup"
     used = {int(t) for r in rec.rounds for t in np.concatenate([r.drafted, r.appended, r.verifier_top_ids.ravel()])}
     used |= {int(t) for t in seqs.reshape(-1).tolist()}
-    text = token_texts(session.tokenizer, sorted(used)) if session.tokenizer is not None else {}
-    raw = token_bytes(session.tokenizer, sorted(used), text) if session.tokenizer is not None else {}
     return AssistedTrace(source=source, do_sample=rec.do_sample, prompt_ids=ids.to("cpu").numpy().astype(np.int64),
-                         sequences=seqs.to("cpu").numpy().astype(np.int64), rounds=rec.rounds, token_text=text, token_bytes=raw,
+                         sequences=seqs.to("cpu").numpy().astype(np.int64), rounds=rec.rounds, **token_maps(session.tokenizer, used),
                          status=status)

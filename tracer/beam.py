@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from . import _hf_compat as hf
-from .assemble import token_bytes, token_texts
 from .beam_records import BeamStep, BeamTrace
-from .generate_modes import end_status, given_and_returned, refuse_step_records, run_patched
+from .generate_modes import end_status, given_and_returned, refuse_step_records, run_patched, token_maps
 
 __all__ = ["BeamRecorder", "generate", "refuse_step_records"]
 
@@ -139,8 +138,6 @@ def _build(session: Any, rec: BeamRecorder, args: tuple, kwargs: dict, output: A
     gc = kwargs.get("generation_config") or session.model.generation_config
     used = {int(t) for s in rec.steps for t in np.concatenate([s.cand_ids.ravel(), s.beam_top_ids.ravel()])}
     used |= {int(t) for t in seqs.reshape(-1).tolist()}
-    text = token_texts(session.tokenizer, sorted(used)) if session.tokenizer is not None else {}
-    raw = token_bytes(session.tokenizer, sorted(used), text) if session.tokenizer is not None else {}
     return BeamTrace(
         num_beams=int(kwargs.get("num_beams", gc.num_beams)),
         num_return_sequences=int(kwargs.get("num_return_sequences", gc.num_return_sequences or 1)),
@@ -148,5 +145,5 @@ def _build(session: Any, rec: BeamRecorder, args: tuple, kwargs: dict, output: A
         early_stopping=rec.config.get("early_stopping", kwargs.get("early_stopping", gc.early_stopping)),
         do_sample=bool(rec.config.get("do_sample", kwargs.get("do_sample", gc.do_sample))),
         prompt_ids=_np(ids, np.int64), prompt_mask=_np(mask, np.int64), sequences=_np(seqs, np.int64),
-        steps=rec.steps, token_text=text, token_bytes=raw, status=status,
+        steps=rec.steps, **token_maps(session.tokenizer, used), status=status,
     )

@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import torch
 
+from .assemble import token_bytes, token_texts
 from .errors import NotSupportedError, TracerWarning
 
-__all__ = ["refuse_step_records", "run_patched", "end_status", "given_and_returned"]
+__all__ = ["refuse_step_records", "run_patched", "end_status", "given_and_returned", "token_maps"]
 
 _STEP_FLAGS = ("full_logits", "modules", "logit_lens", "attention", "routing")
 _STEP_SELECTIONS = ("hidden_layers", "kv_layers")
@@ -78,3 +79,13 @@ def given_and_returned(args: tuple, kwargs: dict, output: Any) -> tuple[torch.Te
     seqs = getattr(output, "sequences", output)
     seqs = seqs if isinstance(seqs, torch.Tensor) else torch.zeros(0, 0, dtype=torch.long)
     return ids, seqs
+
+
+def token_maps(tokenizer: Any, ids: set[int]) -> dict[str, dict]:
+    """``token_text`` and ``token_bytes`` of the ids a mode's records use (empty without a
+    tokenizer), as keyword arguments of its trace."""
+    if tokenizer is None:
+        return {"token_text": {}, "token_bytes": {}}
+    ordered = sorted(ids)
+    text = token_texts(tokenizer, ordered)
+    return {"token_text": text, "token_bytes": token_bytes(tokenizer, ordered, text)}
