@@ -1,6 +1,7 @@
-"""One atomic JSON writer for every file tracer writes as JSON (predictions, corpus metadata,
-beam and assisted-decoding traces), and the ``save``/``load`` pair of records kept as one JSON
-file.  Imports neither torch nor any other tracer module, so every layer may use it."""
+"""The atomic JSON writer of predictions, ``generation_config.json``, corpus metadata and beam /
+assisted-decoding traces, and the ``save``/``load`` pair of records kept as one JSON file.
+(The Perfetto export and the converted model's source note still write plainly.)  Imports
+neither torch nor any other tracer module, so every layer may use it."""
 
 from __future__ import annotations
 
