@@ -137,8 +137,15 @@ def test_host_reads_per_option(tiny_model, option):
     assert syncs == 0
 
 
-@pytest.mark.parametrize("case", ["greedy", "sampling", "static", "no_cache", "padded_batch"])
-def test_light_path_reads_nothing(tiny_model, case):
+@pytest.mark.parametrize("case", ["greedy", "sampling", "static", "no_cache", "padded_batch", "flush_every_step"])
+def test_light_path_reads_nothing(tiny_model, case, monkeypatch):
+    if case == "flush_every_step":  # the stage statistics computed while decoding, not only at the end
+        import tracer.stage_stats as stage_stats
+
+        monkeypatch.setattr(stage_stats, "ROW_POOL_BYTES", 1)
+        flushes = []
+        original = stage_stats.RowPool._group
+        monkeypatch.setattr(stage_stats.RowPool, "_group", lambda self, *a: (flushes.append(1), original(self, *a))[1])
     inputs = make_inputs(batch=2, seq=5, left_pad=2) if case == "padded_batch" else make_inputs(seq=5)
     gen = {
         "greedy": {},
@@ -146,9 +153,12 @@ def test_light_path_reads_nothing(tiny_model, case):
         "static": dict(cache_implementation="static"),
         "no_cache": dict(use_cache=False),
         "padded_batch": {},
+        "flush_every_step": dict(do_sample=True, temperature=0.8, top_k=20),
     }[case]
     calls, syncs, trace = count_reads(tiny_model, inputs, RecordConfig(), **gen)
     assert not calls and syncs == 0, dict(calls)
+    if case == "flush_every_step":
+        assert len(flushes) == NEW_TOKENS and all(len(step.stages) >= 3 for step in trace.steps)
     assert trace.cache is not None or case == "no_cache"
 
 

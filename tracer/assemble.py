@@ -57,16 +57,16 @@ class FedInputs:
 
 @dataclass
 class StageRows:
-    """One score row's summary."""
+    """One score row's summary (host arrays, from :mod:`tracer.stage_stats`)."""
 
     name: str
     params: dict[str, Any]
-    ids: torch.Tensor
-    values: torch.Tensor
-    lse: torch.Tensor
-    masked: torch.Tensor
-    kl: torch.Tensor
-    entropy: torch.Tensor
+    ids: np.ndarray
+    values: np.ndarray
+    lse: np.ndarray
+    masked: np.ndarray
+    kl: np.ndarray
+    entropy: np.ndarray
 
 
 @dataclass
@@ -91,9 +91,9 @@ class FinishedStep:
     time_s: float
     inputs: FedInputs
     cache_len_before: int
-    stages: list[StageRows]
-    ranks: Sequence[torch.Tensor] | None  # per stage (B,)
-    logps: Sequence[torch.Tensor] | None  # per stage (B,)
+    stages: list[StageRows] | None  # None until the row pool has computed them
+    ranks: Sequence[np.ndarray] | None  # per stage (B,)
+    logps: Sequence[np.ndarray] | None  # per stage (B,)
     chosen: torch.Tensor
     active: torch.Tensor
     finished: torch.Tensor
@@ -391,6 +391,8 @@ class _HostCopies:
                 start += t.numel()
 
     def __call__(self, x: Any) -> np.ndarray:
+        if type(x) is np.ndarray:  # the recorder's statistics arrive as host arrays
+            return x
         got = self.arrays.get(id(x)) if isinstance(x, torch.Tensor) else None
         return got if got is not None else _np(x)
 

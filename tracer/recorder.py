@@ -15,7 +15,9 @@ Events, in the order ``generate`` produces them per step::
     → stop_check(input_ids, is_done, fired)
 
 Small tensors stay on the device until :meth:`StepRecorder.finish` (one host transfer, no
-per-step synchronisation).  A failure inside recording stops recording, never generation.
+per-step synchronisation).  A step only copies its score rows into a pool; their statistics
+(top-k, log-sum-exp, entropy, KL, chosen rank and log-prob) are computed for many steps at once
+(:mod:`tracer.stage_stats`).  A failure inside recording stops recording, never generation.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import torch
 from . import _hf_compat as hf
 from . import cache_inspector
 from ._device import sync, to_host
-from .assemble import FedInputs, FinishedStep, GenerationFacts, LensRows, StageRows, StatsRows, build_trace, stage_params
+from .assemble import FedInputs, FinishedStep, GenerationFacts, LensRows, StatsRows, build_trace, stage_params
 from .config import RecordConfig
 from .errors import MemoryBudgetError, NotSupportedError, TracerWarning
 from .plan import ModelPlan, estimate_bytes
 from .records import MemoryStore, Trace, blob_key
+from .stage_stats import RowPool
 
 __all__ = ["StepRecorder", "MASK_KEEP_MAX", "TracerWarning"]
 
@@ -53,9 +56,9 @@ class _StepScratch:
     inputs: FedInputs
     cache_len_before: int
     stages: list[tuple[str, dict]] = field(default_factory=list)  # (name, params) per stage
-    rows: torch.Tensor | None = None  # (n_stages, B, V) copies of the distinct score rows
+    first_row: int = 0  # the step's distinct score rows are pool rows first_row .. first_row + n_rows - 1
     n_rows: int = 0
-    row_of: list[int] = field(default_factory=list)  # per stage: its row in ``rows``
+    row_of: list[int] = field(default_factory=list)  # per stage: its row among the step's distinct rows
     layer_last: dict[int, torch.Tensor] = field(default_factory=dict)
     points: dict[str, torch.Tensor] = field(default_factory=dict)  # "embed", "norm"
     readings: Any = None
@@ -94,6 +97,7 @@ class StepRecorder:
         self.sampled = False
         self.cur: _StepScratch | None = None
         self.done: list[FinishedStep] = []
+        self.pool = RowPool(config.top_k, 1)  # score rows waiting for their statistics
         self.readings: list[Any] = []
         self.cache_reader = cache_inspector.CacheReader()
         self.blobs = MemoryStore()
@@ -165,6 +169,7 @@ class StepRecorder:
         # parameter would synchronise the device)
         self.processor_params = {id(p): stage_params(p) for p in processors}
         self.n_stages = len(processors) + 1  # score rows per step: the logits, then each processor
+        self.pool.n_stages = self.n_stages
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
         batch *= max(int(getattr(generation_config, "num_return_sequences", 1) or 1), 1)
         max_new = max(int(generation_config.max_length) - input_len, 1)
@@ -273,8 +278,8 @@ class StepRecorder:
                     self._put_blob(blob_key("values", step.index, i), layers[i].values[..., :kept, :])
 
     def _stage(self, processor: Any, scores: torch.Tensor) -> None:
-        """Keep a copy of the stage's scores row (a later processor may write in place); every
-        statistic is computed for all stages at once in :meth:`_end_step`."""
+        """Keep a copy of the stage's scores row in the pool (a later processor may write in
+        place); its statistics are computed later, with other steps' (:mod:`tracer.stage_stats`)."""
         step = self.cur
         version = _version(scores)
         same = scores is step.last_scores and version is not None and version == step.last_version
@@ -283,10 +288,9 @@ class StepRecorder:
             step.row_of.append(step.row_of[-1])  # a processor that changed nothing: same row
         else:
             with torch.no_grad():
-                if (step.rows is None or step.n_rows == step.rows.shape[0]
-                        or torch.promote_types(step.rows.dtype, scores.dtype) != step.rows.dtype):
-                    step.rows = _grow(step.rows, scores, self.n_stages)
-                step.rows[step.n_rows].copy_(scores)
+                row = self.pool.keep(scores)
+                if not step.n_rows:
+                    step.first_row = row
                 if not step.n_rows and self.config.full_logits:
                     step.full_logits = to_host(scores.detach().float())
             step.row_of.append(step.n_rows)
@@ -294,37 +298,6 @@ class StepRecorder:
         step.last_scores, step.last_version = scores, version
         name = "logits" if processor is None else type(processor).__name__
         step.stages.append((name, {} if processor is None else self.processor_params.get(id(processor), {})))
-
-    def _stage_rows(self, step: _StepScratch, chosen: torch.Tensor):
-        """(StageRows per stage, chosen rank per stage, chosen log-prob per stage) from the distinct
-        rows `(R, B, V)`: selections, counts and elementwise work in one batched op each; float
-        sums row by row, so that every value keeps the reduction order (the bits) of a
-        single `(B, V)` row.  A stage that changed nothing shares its predecessor's row, KL 0."""
-        n = step.n_rows
-        x = step.rows[:n]
-        values, ids = torch.topk(x, min(self.config.top_k, x.shape[-1]), dim=-1)
-        s32 = x.float()
-        lse = torch.stack([torch.logsumexp(s32[r], dim=-1) for r in range(n)])
-        logp = s32 - lse.unsqueeze(-1)  # -inf stays -inf
-        masked = torch.isneginf(x).sum(-1)
-        p = logp.exp()
-        ent = torch.special.entr(p)
-        entropy = [ent[r].sum(-1) for r in range(n)]
-        zero = torch.zeros_like(lse[0])
-        if n > 1:  # KL(p || previous row); 0·log0 terms are nan and dropped
-            terms = p[1:] * (logp[1:] - logp[:-1])
-            kl = [zero] + [terms[r - 1].nansum(-1) for r in range(1, n)]
-        else:
-            kl = [zero]
-        chosen_lp = logp.gather(-1, chosen.view(1, -1, 1).expand(n, -1, 1))
-        ranks = (logp > chosen_lp).sum(-1)
-        chosen_lp = chosen_lp.squeeze(-1)
-        stages, prev = [], -1
-        for (name, params), r in zip(step.stages, step.row_of):
-            stages.append(StageRows(name, params, ids[r], values[r], lse[r], masked[r],
-                                    zero if r == prev else kl[r], entropy[r]))
-            prev = r
-        return stages, [ranks[r] for r in step.row_of], [chosen_lp[r] for r in step.row_of]
 
     def _end_step(self, input_ids: torch.Tensor, is_done: torch.Tensor, fired: list) -> None:
         step = self.cur
@@ -336,7 +309,6 @@ class StepRecorder:
             active = self.unfinished.clone()
             finished = active & is_done
             self.unfinished = active & ~is_done
-            stages, ranks, logps = self._stage_rows(step, chosen) if step.n_rows else ([], None, None)
             lens = self._logit_lens(step, chosen) if plan.lens_layers else None
             norms = self._residual_norms(step)
             for i in plan.hidden_layers:
@@ -359,14 +331,14 @@ class StepRecorder:
                     self._put_blob(blob_key("router_weights", step.index, layer), weights, host=True)
         if self.config.sync_timing:
             sync(plan.device)
-        self.done.append(FinishedStep(
+        done = FinishedStep(
             index=step.index,
             time_s=time.perf_counter() - step.t0,
             inputs=step.inputs,
             cache_len_before=step.cache_len_before,
-            stages=stages,
-            ranks=ranks,
-            logps=logps,
+            stages=None if step.n_rows else [],  # from the pool rows, with other steps' (RowPool.flush)
+            ranks=None,
+            logps=None,
             chosen=chosen,
             active=active,
             finished=finished,
@@ -374,8 +346,11 @@ class StepRecorder:
             lens=lens,
             norms=norms,
             attn_stats=attn_stats,
-        ))
+        )
+        self.done.append(done)
         self.readings.append(step.readings)
+        if step.n_rows:
+            self.pool.add(done, step)  # (a failure here is reported at this step)
         self.cur = None
 
     def _residual_norms(self, step: _StepScratch) -> torch.Tensor | None:
@@ -437,6 +412,26 @@ class StepRecorder:
             sync(self.plan.device)
         if error is None and self.config.cache and self.last_cache is not None and self.readings:
             self._guard(self._check_cache)  # once: the readings derived per step hold at the end
+        if self.pool.waiting:  # also after recording stopped: the steps before it keep their rows
+            failure: BaseException | None = None
+            for work in (self.pool.flush, self.pool.records):  # records: the groups computed
+                try:
+                    if work == self.pool.records and self.plan.device.type != "cpu":
+                        sync(self.plan.device)  # the statistics' host copies have landed
+                    work()
+                except Exception as exc:  # noqa: BLE001 - the steps whose statistics exist are kept
+                    failure = failure or exc
+            if failure is not None:
+                self.pool = RowPool(self.config.top_k, self.n_stages)
+                first = next((d.index for d in self.done if d.stages is None), len(self.done))
+                msg = f"recording stopped at step {first}: {type(failure).__name__}: {failure}"
+                self.broken = self.broken or msg
+                self.notes.append(msg)
+                warnings.warn(msg + " (generation itself went on unchanged)", TracerWarning, stacklevel=3)
+        # a step whose statistics could not be computed is not kept, nor any after it
+        cut = next((i for i, d in enumerate(self.done) if d.stages is None), None)
+        if cut is not None:
+            self.done = self.done[:cut]
         facts = GenerationFacts(
             prompt_ids=self.prompt_ids,
             prompt_mask=self.prompt_mask,
@@ -451,17 +446,6 @@ class StepRecorder:
             wall_time_s=time.perf_counter() - self.t_start,
         )
         return build_trace(self.plan, self.config, self.tokenizer, facts, self.done, self.blobs, output, error)
-
-
-def _grow(rows: torch.Tensor | None, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """A `(n, B, V)` buffer for the step's score rows: one more row when a step brings more
-    stages, a wider dtype when a processor returns one (earlier rows keep their values)."""
-    if rows is None:
-        return torch.empty((n, *scores.shape), dtype=scores.dtype, device=scores.device)
-    fresh = torch.empty((rows.shape[0] + 1, *scores.shape), dtype=torch.promote_types(rows.dtype, scores.dtype),
-                        device=scores.device)
-    fresh[: rows.shape[0]].copy_(rows)
-    return fresh
 
 
 def _fed_inputs(args: tuple, kwargs: dict, input_ids: torch.Tensor | None, cache: Any) -> FedInputs:

@@ -1,0 +1,201 @@
+"""Stage statistics computed many steps at a time (issue 19) hold the values of a one-row
+computation, bit for bit, whatever the grouping and the thread count.
+
+The recorder copies each step's distinct score rows into a pool and computes their statistics
+when the pool fills and at the end (``tracer.stage_stats.RowPool``).  The reference here is the
+per-step computation the recorder used before, applied to each step's rows alone on one thread.
+A row of 49,152 entries (the embedded model's vocabulary) is longer than torch's grain size
+(32,768), so a one-row reduction on two threads splits the row and rounds differently: the
+recorder reduces every row whole on one thread instead, so a trace holds the same bits on a
+1-thread and a many-thread machine.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import tracer.recorder as recorder_module
+import tracer.stage_stats as stage_stats
+from tracer.config import RecordConfig
+from tracer.recorder import StepRecorder
+from tracer.stage_stats import RowPool
+
+from test_recorder_events import _gen_config, _plan
+
+V = 49152  # the embedded model's vocabulary: longer than torch's grain size
+
+
+class _Temperature:
+    def __init__(self):
+        self.temperature = 0.7
+
+
+class _MaskLow:
+    """Masks a fixed block of the vocabulary (a row with -inf entries)."""
+
+
+class _Nothing:
+    """A processor that changes nothing: its stage shares the previous row."""
+
+
+def _steps(batch: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, V, generator=g) * 4 for _ in range(n)]
+
+
+def _choose(i: int, masked: torch.Tensor) -> torch.Tensor:
+    """Greedy on even steps; on odd steps token 7, far down the ranking (as sampling may pick)."""
+    return masked.argmax(-1) if i % 2 == 0 else torch.full((masked.shape[0],), 7)
+
+
+def _run(rows: list[torch.Tensor], record: RecordConfig | None = None):
+    """Drive a recorder through ``len(rows)`` steps with four stages each: logits, temperature,
+    a mask (-inf entries), a no-op; the chosen token from :func:`_choose`."""
+    batch = rows[0].shape[0]
+    procs = [_Temperature(), _MaskLow(), _Nothing()]
+    rec = StepRecorder(_plan(vocab_size=V, hidden_layers=(), lens_layers=()), record or RecordConfig(cache=False))
+    rec.configure(_gen_config(max_length=3 + len(rows)), procs, input_len=3)
+    ids = torch.arange(3).repeat(batch, 1)
+    for i, logits in enumerate(rows):
+        fed = ids if i == 0 else ids[:, -1:]
+        rec.forward_start((), {"input_ids": fed})
+        rec.forward_end(types.SimpleNamespace(cache=None), {})
+        rec.scores(None, logits)
+        warped = logits / 0.7
+        rec.scores(procs[0], warped)
+        masked = warped.clone()
+        masked[:, 100:5000] = float("-inf")
+        rec.scores(procs[1], masked)
+        rec.scores(procs[2], masked)
+        chosen = _choose(i, masked)
+        ids = torch.cat([ids, chosen[:, None]], dim=1)
+        rec.stop_check(ids, torch.zeros(batch, dtype=torch.bool), [])
+    return rec, rec.finish(ids, None)
+
+
+def _reference(rows: list[torch.Tensor], top_k: int = 10):
+    """Each step alone, row by row, on one thread: the recorder's statistics before issue 19."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for i, logits in enumerate(rows):
+            warped = logits / 0.7
+            masked = warped.clone()
+            masked[:, 100:5000] = float("-inf")
+            x = torch.stack([logits, warped, masked])  # the step's distinct rows
+            chosen = _choose(i, masked)
+            values, ids = torch.topk(x, top_k, dim=-1)
+            lse = torch.stack([torch.logsumexp(x[r], dim=-1) for r in range(3)])
+            logp = x - lse.unsqueeze(-1)
+            p = logp.exp()
+            ent = torch.special.entr(p)
+            entropy = [ent[r].sum(-1) for r in range(3)]
+            terms = p[1:] * (logp[1:] - logp[:-1])
+            kl = [torch.zeros_like(lse[0])] + [terms[r - 1].nansum(-1) for r in range(1, 3)]
+            clp = logp.gather(-1, chosen.view(1, -1, 1).expand(3, -1, 1))
+            ranks = (logp > clp).sum(-1)
+            stages = []
+            for j, r in enumerate((0, 1, 2, 2)):  # the no-op stage shares the mask's row: KL 0
+                stages.append(dict(ids=ids[r].numpy(), values=values[r].numpy(), lse=lse[r].numpy(),
+                                   masked=torch.isneginf(x[r]).sum(-1).numpy(),
+                                   kl=(kl[0] if j == 3 else kl[r]).numpy(), entropy=entropy[r].numpy(),
+                                   rank=ranks[r].numpy(), logp=clp[r, :, 0].numpy()))
+            out.append(stages)
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_same(trace, reference):
+    assert trace.num_steps == len(reference)
+    for step, want in zip(trace.steps, reference):
+        assert [s.name for s in step.stages] == ["logits", "_Temperature", "_MaskLow", "_Nothing"]
+        for stage, w in zip(step.stages, want):
+            np.testing.assert_array_equal(stage.top.ids, w["ids"])
+            for got, key in ((stage.top.values, "values"), (stage.top.logsumexp, "lse"), (stage.kl, "kl"),
+                             (stage.entropy, "entropy"), (stage.chosen_logprob, "logp")):
+                assert got.tobytes() == w[key].astype(np.float32).tobytes(), key  # bit for bit
+            np.testing.assert_array_equal(stage.n_masked, w["masked"])
+            np.testing.assert_array_equal(stage.chosen_rank, w["rank"])
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_statistics_equal_one_row_one_thread(batch, n_threads, threads):
+    rows = _steps(batch, 5)
+    want = _reference(rows)
+    threads(n_threads)
+    _, trace = _run(rows)
+    _assert_same(trace, want)
+
+
+def test_split_rows_round_differently_on_two_threads(threads):
+    """Why the recorder reduces rows whole: the one-row reduction it replaced depends on the
+    thread count for a row this long (if torch stops splitting rows, this test says so)."""
+    probs = [torch.softmax(r, dim=-1) for r in _steps(1, 8, seed=3)]
+    threads(1)
+    one = [torch.special.entr(p).sum(-1) for p in probs]
+    threads(2)
+    two = [torch.special.entr(p).sum(-1) for p in probs]
+    assert any(not torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_pool_flushes_mid_run_and_groups_keep_the_values(monkeypatch, threads):
+    """A pool of two steps and groups of one row: flushed four times during the run, many groups
+    each time; every value as computed alone."""
+    row_bytes = V * 4 * 2
+    monkeypatch.setattr(stage_stats, "ROW_POOL_BYTES", 7 * row_bytes)  # room for two steps' rows
+    monkeypatch.setattr(stage_stats, "STATS_GROUP_BYTES", 1)
+    flushes = []
+    original = RowPool.flush
+
+    def counted(self):
+        flushes.append(len(self.pending))
+        return original(self)
+
+    monkeypatch.setattr(RowPool, "flush", counted)
+    rows = _steps(2, 9, seed=1)
+    want = _reference(rows)
+    threads(2)
+    _, trace = _run(rows)
+    assert flushes == [2, 2, 2, 2, 1]  # four flushes while decoding, the last step's at the end
+    _assert_same(trace, want)
+
+
+@pytest.mark.parametrize("where", ["while decoding", "at the end"])
+def test_statistics_failure_keeps_the_steps_before(monkeypatch, where):
+    """A failure computing a group's statistics stops recording there: the steps of earlier
+    groups keep their values, later steps are not kept, and a note says where."""
+    if where == "while decoding":
+        monkeypatch.setattr(stage_stats, "ROW_POOL_BYTES", 3 * V * 4)  # one step per flush
+    else:
+        monkeypatch.setattr(stage_stats, "STATS_GROUP_BYTES", 1)  # one flush at the end, a group per step
+    calls = [0]
+    original = RowPool._group
+
+    def failing(self, group, group_rows):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom")
+        return original(self, group, group_rows)
+
+    monkeypatch.setattr(RowPool, "_group", failing)
+    rows = _steps(1, 5, seed=2)
+    want = _reference(rows)
+    with pytest.warns(recorder_module.TracerWarning, match="recording stopped at step 2: RuntimeError: boom"):
+        rec, trace = _run(rows)
+    assert trace.num_steps == 2
+    _assert_same(trace, want[:2])
+    assert any("boom" in n for n in trace.meta.notes)
