@@ -12,7 +12,9 @@ recorder reduces every row whole on one thread instead, so a trace holds the sam
 
 from __future__ import annotations
 
+import gc
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -52,14 +54,16 @@ def _choose(i: int, masked: torch.Tensor) -> torch.Tensor:
     return masked.argmax(-1) if i % 2 == 0 else torch.full((masked.shape[0],), 7)
 
 
-def _run(rows: list[torch.Tensor], record: RecordConfig | None = None):
+def _run(rows: list[torch.Tensor], record: RecordConfig | None = None, *, two: bool = False, seen: list | None = None):
     """Drive a recorder through ``len(rows)`` steps with four stages each: logits, temperature,
-    a mask (-inf entries), a no-op; the chosen token from :func:`_choose`."""
+    a mask (-inf entries), a no-op (``two``: logits and temperature only); the chosen token from
+    :func:`_choose`.  A Ctrl-C inside a step ends the generation there, as in ``generate``."""
     batch = rows[0].shape[0]
-    procs = [_Temperature(), _MaskLow(), _Nothing()]
+    procs = [_Temperature()] if two else [_Temperature(), _MaskLow(), _Nothing()]
     rec = StepRecorder(_plan(vocab_size=V, hidden_layers=(), lens_layers=()), record or RecordConfig(cache=False))
     rec.configure(_gen_config(max_length=3 + len(rows)), procs, input_len=3)
     ids = torch.arange(3).repeat(batch, 1)
+    error = None
     for i, logits in enumerate(rows):
         fed = ids if i == 0 else ids[:, -1:]
         rec.forward_start((), {"input_ids": fed})
@@ -67,17 +71,28 @@ def _run(rows: list[torch.Tensor], record: RecordConfig | None = None):
         rec.scores(None, logits)
         warped = logits / 0.7
         rec.scores(procs[0], warped)
-        masked = warped.clone()
-        masked[:, 100:5000] = float("-inf")
-        rec.scores(procs[1], masked)
-        rec.scores(procs[2], masked)
+        masked = warped
+        if not two:
+            masked = warped.clone()
+            masked[:, 100:5000] = float("-inf")
+            rec.scores(procs[1], masked)
+            rec.scores(procs[2], masked)
+        if seen is not None:
+            seen.append(weakref.ref(masked))
         chosen = _choose(i, masked)
         ids = torch.cat([ids, chosen[:, None]], dim=1)
-        rec.stop_check(ids, torch.zeros(batch, dtype=torch.bool), [])
-    return rec, rec.finish(ids, None)
+        try:
+            rec.stop_check(ids, torch.zeros(batch, dtype=torch.bool), [])
+        except KeyboardInterrupt as exc:
+            error = exc
+            break
+    if seen is not None:  # which steps' tensors are still alive while their rows wait in the pool
+        gc.collect()
+        seen[:] = [r() is not None for r in seen]
+    return rec, rec.finish(ids, error)
 
 
-def _reference(rows: list[torch.Tensor], top_k: int = 10):
+def _reference(rows: list[torch.Tensor], top_k: int = 10, *, two: bool = False):
     """Each step alone, row by row, on one thread: the recorder's statistics before issue 19."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -87,20 +102,23 @@ def _reference(rows: list[torch.Tensor], top_k: int = 10):
             warped = logits / 0.7
             masked = warped.clone()
             masked[:, 100:5000] = float("-inf")
-            x = torch.stack([logits, warped, masked])  # the step's distinct rows
+            if two:
+                masked = warped
+            x = torch.stack([logits, warped] if two else [logits, warped, masked])  # the step's distinct rows
+            n = x.shape[0]
             chosen = _choose(i, masked)
             values, ids = torch.topk(x, top_k, dim=-1)
-            lse = torch.stack([torch.logsumexp(x[r], dim=-1) for r in range(3)])
+            lse = torch.stack([torch.logsumexp(x[r], dim=-1) for r in range(n)])
             logp = x - lse.unsqueeze(-1)
             p = logp.exp()
             ent = torch.special.entr(p)
-            entropy = [ent[r].sum(-1) for r in range(3)]
+            entropy = [ent[r].sum(-1) for r in range(n)]
             terms = p[1:] * (logp[1:] - logp[:-1])
-            kl = [torch.zeros_like(lse[0])] + [terms[r - 1].nansum(-1) for r in range(1, 3)]
-            clp = logp.gather(-1, chosen.view(1, -1, 1).expand(3, -1, 1))
+            kl = [torch.zeros_like(lse[0])] + [terms[r - 1].nansum(-1) for r in range(1, n)]
+            clp = logp.gather(-1, chosen.view(1, -1, 1).expand(n, -1, 1))
             ranks = (logp > clp).sum(-1)
             stages = []
-            for j, r in enumerate((0, 1, 2, 2)):  # the no-op stage shares the mask's row: KL 0
+            for j, r in enumerate((0, 1) if two else (0, 1, 2, 2)):  # the no-op stage shares the mask's row: KL 0
                 stages.append(dict(ids=ids[r].numpy(), values=values[r].numpy(), lse=lse[r].numpy(),
                                    masked=torch.isneginf(x[r]).sum(-1).numpy(),
                                    kl=(kl[0] if j == 3 else kl[r]).numpy(), entropy=entropy[r].numpy(),
@@ -114,7 +132,8 @@ def _reference(rows: list[torch.Tensor], top_k: int = 10):
 def _assert_same(trace, reference):
     assert trace.num_steps == len(reference)
     for step, want in zip(trace.steps, reference):
-        assert [s.name for s in step.stages] == ["logits", "_Temperature", "_MaskLow", "_Nothing"]
+        names = ["logits", "_Temperature", "_MaskLow", "_Nothing"]
+        assert [s.name for s in step.stages] == names[: len(want)]
         for stage, w in zip(step.stages, want):
             np.testing.assert_array_equal(stage.top.ids, w["ids"])
             for got, key in ((stage.top.values, "values"), (stage.top.logsumexp, "lse"), (stage.kl, "kl"),
@@ -138,6 +157,18 @@ def test_statistics_equal_one_row_one_thread(batch, n_threads, threads):
     want = _reference(rows)
     threads(n_threads)
     _, trace = _run(rows)
+    _assert_same(trace, want)
+
+
+@pytest.mark.parametrize("n_steps", [1, 12])
+def test_two_row_steps_keep_their_kl_on_two_threads(n_steps, threads):
+    """Logits and one processor (sampling's usual two rows): a group of one such step still
+    reduces its KL over two rows (a lone row would be split across threads); 12 steps leave a
+    one-step remainder group at 49,152 entries."""
+    rows = _steps(1, n_steps, seed=4)
+    want = _reference(rows, two=True)
+    threads(2)
+    _, trace = _run(rows, two=True)
     _assert_same(trace, want)
 
 
@@ -177,17 +208,20 @@ def test_pool_flushes_mid_run_and_groups_keep_the_values(monkeypatch, threads):
 @pytest.mark.parametrize("where", ["while decoding", "at the end"])
 def test_statistics_failure_keeps_the_steps_before(monkeypatch, where):
     """A failure computing a group's statistics stops recording there: the steps of earlier
-    groups keep their values, later steps are not kept, and a note says where."""
+    groups keep their values, the failed group's and later steps are not kept, and the note
+    names the group's first step (not the step that was running)."""
     if where == "while decoding":
-        monkeypatch.setattr(stage_stats, "ROW_POOL_BYTES", 3 * V * 4)  # one step per flush
+        monkeypatch.setattr(stage_stats, "ROW_POOL_BYTES", 7 * V * 4)  # two steps' rows: flush after steps 1, 3
+        failing_call = 2  # steps 2 and 3, flushed during step 3
     else:
         monkeypatch.setattr(stage_stats, "STATS_GROUP_BYTES", 1)  # one flush at the end, a group per step
+        failing_call = 3  # step 2
     calls = [0]
     original = RowPool._group
 
     def failing(self, group, group_rows):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == failing_call:
             raise RuntimeError("boom")
         return original(self, group, group_rows)
 
@@ -199,3 +233,33 @@ def test_statistics_failure_keeps_the_steps_before(monkeypatch, where):
     assert trace.num_steps == 2
     _assert_same(trace, want[:2])
     assert any("boom" in n for n in trace.meta.notes)
+
+
+def test_ctrl_c_during_a_flush_keeps_every_step(monkeypatch):
+    """Ctrl-C while the pool computes mid-run: the generation stops there, and the steps whose
+    statistics were being computed keep their rows and get them at the end."""
+    monkeypatch.setattr(stage_stats, "ROW_POOL_BYTES", 7 * V * 4)  # flushes after steps 1 and 3
+    calls = [0]
+    original = RowPool._group
+
+    def interrupted(self, group, group_rows):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return original(self, group, group_rows)
+
+    monkeypatch.setattr(RowPool, "_group", interrupted)
+    rows = _steps(1, 6, seed=5)
+    _, trace = _run(rows)
+    assert trace.meta.status == "interrupted"
+    _assert_same(trace, _reference(rows[:4]))
+
+
+def test_waiting_steps_hold_no_step_tensors():
+    """The pool keeps a step's rows and what its statistics need, not the step's own tensors
+    (score rows, hidden states): those are freed when the step ends."""
+    seen: list = []
+    rows = _steps(1, 6, seed=6)
+    rec, trace = _run(rows, seen=seen)  # the pool holds all six steps until finish
+    assert seen == [False] * 5 + [True]  # only the last step's rows, held by the driver itself
+    _assert_same(trace, _reference(rows))

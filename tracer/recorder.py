@@ -38,7 +38,7 @@ from .config import RecordConfig
 from .errors import MemoryBudgetError, NotSupportedError, TracerWarning
 from .plan import ModelPlan, estimate_bytes
 from .records import MemoryStore, Trace, blob_key
-from .stage_stats import RowPool
+from .stage_stats import RowPool, Waiting
 
 __all__ = ["StepRecorder", "MASK_KEEP_MAX", "TracerWarning"]
 
@@ -137,10 +137,11 @@ class StepRecorder:
         except Exception as exc:  # noqa: BLE001 - tracing must not change (or break) the run
             self.fail(exc)
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, step: int | None = None) -> None:
         if self.broken is not None:
             return
-        step = self.cur.index if self.cur is not None else len(self.done)
+        if step is None:
+            step = self.cur.index if self.cur is not None else len(self.done)
         self.broken = f"recording stopped at step {step}: {type(exc).__name__}: {exc}"
         self.notes.append(self.broken)
         self.cur = None
@@ -349,9 +350,12 @@ class StepRecorder:
         )
         self.done.append(done)
         self.readings.append(step.readings)
-        if step.n_rows:
-            self.pool.add(done, step)  # (a failure here is reported at this step)
         self.cur = None
+        if step.n_rows:  # the pool keeps what the statistics need, not the step's tensors
+            try:
+                self.pool.add(Waiting(done, step.first_row, step.n_rows, step.stages, step.row_of))
+            except Exception as exc:  # noqa: BLE001 - reported at the first step it lost
+                self.fail(exc, step=self.pool.lost_from)
 
     def _residual_norms(self, step: _StepScratch) -> torch.Tensor | None:
         if not self.config.modules:
@@ -419,8 +423,8 @@ class StepRecorder:
                     if work == self.pool.records and self.plan.device.type != "cpu":
                         sync(self.plan.device)  # the statistics' host copies have landed
                     work()
-                except Exception as exc:  # noqa: BLE001 - the steps whose statistics exist are kept
-                    failure = failure or exc
+                except BaseException as exc:  # noqa: BLE001 - the steps whose statistics exist are kept
+                    failure = failure or exc  # (a second Ctrl-C here too: the generation's own stands)
             if failure is not None:
                 self.pool = RowPool(self.config.top_k, self.n_stages)
                 first = next((d.index for d in self.done if d.stages is None), len(self.done))

@@ -17,7 +17,7 @@ recorder's one synchronisation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch
 from ._device import to_host
 from .assemble import FinishedStep, StageRows
 
-__all__ = ["ROW_POOL_BYTES", "STATS_GROUP_BYTES", "RowPool", "count_neginf", "ranks"]
+__all__ = ["ROW_POOL_BYTES", "STATS_GROUP_BYTES", "RowPool", "Waiting", "count_neginf", "ranks"]
 
 #: The pool holds about this many bytes of score rows (at least one step's).
 ROW_POOL_BYTES = 32 << 20
@@ -33,20 +33,26 @@ ROW_POOL_BYTES = 32 << 20
 STATS_GROUP_BYTES = 4 << 20
 
 
-class RowPool:
-    """Score rows waiting for their statistics, and the steps they belong to.
+class Waiting(NamedTuple):
+    """A finished step whose rows wait in the pool (only what its statistics need)."""
 
-    A step is any object with ``first_row``, ``n_rows`` (its distinct rows are pool rows
-    ``first_row ..``), ``stages`` (``(name, params)`` per stage) and ``row_of`` (per stage, its
-    row among the step's distinct rows); its :class:`FinishedStep` gets ``stages``, ``ranks`` and
-    ``logps`` from :meth:`records`."""
+    done: FinishedStep  # gets ``stages``, ``ranks`` and ``logps`` from :meth:`RowPool.records`
+    first_row: int  # its distinct rows are pool rows first_row .. first_row + n_rows - 1
+    n_rows: int
+    stages: list  # (name, params) per stage
+    row_of: list[int]  # per stage: its row among the step's distinct rows
+
+
+class RowPool:
+    """Score rows waiting for their statistics, and the steps they belong to."""
 
     def __init__(self, top_k: int, n_stages: int):
         self.top_k = top_k
         self.n_stages = n_stages
         self.rows: torch.Tensor | None = None  # (capacity, B, V)
         self.used = 0
-        self.pending: list[tuple[FinishedStep, Any]] = []  # steps whose rows wait in the pool
+        self.pending: list[Waiting] = []  # steps whose rows wait in the pool
+        self.lost_from: int | None = None  # the first step whose statistics a failed flush dropped
         self.groups: list[tuple[list, int, dict]] = []  # (steps, first row, host statistics) per group
 
     @property
@@ -73,38 +79,53 @@ class RowPool:
         self.used += 1
         return self.used - 1
 
-    def add(self, done: FinishedStep, step: Any) -> None:
+    def add(self, step: Waiting) -> None:
         """A finished step whose rows are in the pool; flushes when another step might not fit."""
-        self.pending.append((done, step))
+        self.pending.append(step)
         if self.rows.shape[0] - self.used < self.n_stages:
             self.flush()
 
     def flush(self) -> None:
         """Every waiting step's statistics, in groups of whole steps of about
-        :data:`STATS_GROUP_BYTES`; the pool is free again."""
-        pending, self.pending = self.pending, []
-        self.used = 0
+        :data:`STATS_GROUP_BYTES`; the pool is free again.  On an error the steps not yet
+        computed are dropped (``lost_from``: the first of them); interrupted (Ctrl-C) they stay
+        waiting, their rows in place, for the flush at the end."""
+        pending, used = self.pending, self.used
         if not pending:
+            self.used = 0
             return
         width = max(int(self.rows[0].numel()) * self.rows.element_size(), 1)
         group_rows = max(STATS_GROUP_BYTES // width, 1)
         start = 0
-        while start < len(pending):
-            end, rows = start, 0
-            while end < len(pending) and (end == start or rows < group_rows):
-                rows += pending[end][1].n_rows
-                end += 1
-            self._group(pending[start:end], group_rows)
-            start = end
+        try:
+            while start < len(pending):
+                end, rows = start, 0
+                while end < len(pending) and (end == start or rows < group_rows):
+                    rows += pending[end].n_rows
+                    end += 1
+                self._group(pending[start:end], group_rows)
+                start = end
+        except Exception:
+            self.pending, self.used, self.lost_from = [], 0, pending[start].done.index
+            raise
+        except BaseException:
+            self.pending, self.used = pending[start:], used
+            raise
+        self.pending, self.used = [], 0
 
-    def _group(self, group: list[tuple[FinishedStep, Any]], group_rows: int) -> None:
-        first = group[0][1].first_row
-        n = group[-1][1].first_row + group[-1][1].n_rows - first  # the group's rows are consecutive
+    def _group(self, group: list[Waiting], group_rows: int) -> None:
+        first = group[0].first_row
+        n = group[-1].first_row + group[-1].n_rows - first  # the group's rows are consecutive
         x = self.rows[first : first + n]  # (n, B, V)
-        chosen = torch.cat([d.chosen.view(1, -1).expand(st.n_rows, -1) for d, st in group])  # (n, B)
-        # one row alone would be split across threads (CPU): two rows at least; on an
-        # accelerator a whole number of groups keeps the kernels' layout (and bits) run to run
-        size = -(-n // group_rows) * group_rows if x.device.type != "cpu" else max(n, 2 // x.shape[1])
+        chosen = torch.cat([w.done.chosen.view(1, -1).expand(w.n_rows, -1) for w in group])  # (n, B)
+        # On a CPU every reduction needs two rows at least (KL's too, over rows 1..): one row
+        # alone would be split across threads.  On an accelerator every group has one size (a
+        # group ends at the first step reaching group_rows), so the kernels' layout, and the
+        # bits, do not depend on where a step falls or how long the run is.
+        if x.device.type == "cpu":
+            size = max(n, 3 if x.shape[1] == 1 else 2)
+        else:
+            size = max(n, group_rows + self.n_stages - 1)
         if size > n:
             x = torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
             chosen = torch.cat([chosen, chosen[-1:].expand(size - n, -1)])
@@ -132,17 +153,16 @@ class RowPool:
         for group, first, host in groups:
             a = {k: v.numpy() for k, v in host.items()}
             zero = np.zeros_like(a["kl"][0])
-            for d, st in group:
-                base = st.first_row - first
+            for w in group:
+                base = w.first_row - first
                 stages, prev = [], -1
-                for (name, params), r in zip(st.stages, st.row_of):
+                for (name, params), r in zip(w.stages, w.row_of):
                     at = base + r  # a stage that changed nothing shares its predecessor's row, KL 0
                     stages.append(StageRows(name, params, a["ids"][at], a["values"][at], a["lse"][at], a["masked"][at],
                                             zero if r == prev or r == 0 else a["kl"][at], a["entropy"][at]))
                     prev = r
-                d.stages = stages
-                d.ranks = [a["ranks"][base + r] for r in st.row_of]
-                d.logps = [a["logp"][base + r] for r in st.row_of]
+                ranks_, logps = [a["ranks"][base + r] for r in w.row_of], [a["logp"][base + r] for r in w.row_of]
+                w.done.ranks, w.done.logps, w.done.stages = ranks_, logps, stages  # stages last: "computed"
 
 
 def count_neginf(x: torch.Tensor) -> torch.Tensor:
