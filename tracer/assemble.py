@@ -399,10 +399,9 @@ class _HostCopies:
 
 def _step_tensors(d: FinishedStep) -> list[Any]:
     fed = d.inputs
+    # (the stage statistics arrive as host arrays: tracer.stage_stats copies them itself)
     out = [fed.input_ids, fed.position_ids, fed.mask, fed.mask_padding, d.chosen, d.active, d.finished, d.norms]
-    for st in d.stages:
-        out += [st.ids, st.values, st.lse, st.masked, st.kl, st.entropy]
-    out += list(d.ranks or ()) + list(d.logps or ()) + [r for _, r in d.fired]
+    out += [r for _, r in d.fired]
     if d.lens is not None:
         out += [d.lens.rank, d.lens.prob, d.lens.top]
     if d.attn_stats is not None:

@@ -97,7 +97,7 @@ class StepRecorder:
         self.sampled = False
         self.cur: _StepScratch | None = None
         self.done: list[FinishedStep] = []
-        self.pool = RowPool(config.top_k, 1)  # score rows waiting for their statistics
+        self.pool = RowPool(config.top_k, self.n_stages)  # rows waiting for statistics (remade in configure)
         self.readings: list[Any] = []
         self.cache_reader = cache_inspector.CacheReader()
         self.blobs = MemoryStore()
@@ -170,7 +170,7 @@ class StepRecorder:
         # parameter would synchronise the device)
         self.processor_params = {id(p): stage_params(p) for p in processors}
         self.n_stages = len(processors) + 1  # score rows per step: the logits, then each processor
-        self.pool.n_stages = self.n_stages
+        self.pool = RowPool(self.config.top_k, self.n_stages)
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
         batch *= max(int(getattr(generation_config, "num_return_sequences", 1) or 1), 1)
         max_new = max(int(generation_config.max_length) - input_len, 1)
@@ -416,24 +416,28 @@ class StepRecorder:
             sync(self.plan.device)
         if error is None and self.config.cache and self.last_cache is not None and self.readings:
             self._guard(self._check_cache)  # once: the readings derived per step hold at the end
+        failure: BaseException | None = None
         if self.pool.waiting:  # also after recording stopped: the steps before it keep their rows
-            failure: BaseException | None = None
-            for work in (self.pool.flush, self.pool.records):  # records: the groups computed
-                try:
-                    if work == self.pool.records and self.plan.device.type != "cpu":
-                        sync(self.plan.device)  # the statistics' host copies have landed
-                    work()
-                except BaseException as exc:  # noqa: BLE001 - the steps whose statistics exist are kept
-                    failure = failure or exc  # (a second Ctrl-C here too: the generation's own stands)
+            try:
+                self.pool.flush()
+            except BaseException as exc:  # noqa: BLE001 - the steps whose statistics exist are kept
+                failure = exc  # (a second Ctrl-C here too: the generation's own stands)
+            try:
+                if self.plan.device.type != "cpu":
+                    sync(self.plan.device)  # the statistics' host copies have landed
+                self.pool.records()  # every group computed, those before a failure too
+            except BaseException as exc:  # noqa: BLE001
+                failure = failure or exc
             if failure is not None:
                 self.pool = RowPool(self.config.top_k, self.n_stages)
-                first = next((d.index for d in self.done if d.stages is None), len(self.done))
-                msg = f"recording stopped at step {first}: {type(failure).__name__}: {failure}"
-                self.broken = self.broken or msg
-                self.notes.append(msg)
-                warnings.warn(msg + " (generation itself went on unchanged)", TracerWarning, stacklevel=3)
         # a step whose statistics could not be computed is not kept, nor any after it
         cut = next((i for i, d in enumerate(self.done) if d.stages is None), None)
+        if failure is not None:
+            msg = (f"recording stopped at step {self.done[cut].index if cut is not None else len(self.done)}: "
+                   f"{type(failure).__name__}: {failure}")
+            self.broken = self.broken or msg
+            self.notes.append(msg)
+            warnings.warn(msg + " (generation itself went on unchanged)", TracerWarning, stacklevel=3)
         if cut is not None:
             self.done = self.done[:cut]
         facts = GenerationFacts(
