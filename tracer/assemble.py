@@ -132,8 +132,10 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
         # mps defers the stop check by one step and undoes it: keep the steps generate kept
         n_steps = min(n_steps, int(sequences.shape[1]) - int(facts.prompt_ids.shape[1]))
     kept = done[:n_steps]
-    host = _HostCopies(kept)  # every device tensor the steps hold, in one transfer per dtype
-    steps = [_to_record(d, facts.sampled, host) for d in kept]
+    host = _HostCopies(kept)  # every tensor the steps hold, in one transfer (or copy) per dtype
+    meta = _meta(plan, config, tokenizer, facts, status, error)
+    reason_of = _ReasonOf(tokenizer, meta.terminators)
+    steps = [_to_record(d, facts.sampled, host, reason_of) for d in kept]
     batch = int(steps[0].chosen.shape[0]) if steps else (0 if facts.prompt_ids is None else facts.prompt_ids.shape[0])
     prompt_ids = facts.prompt_ids if facts.prompt_ids is not None else np.zeros((batch, 0), np.int64)
     prompt_mask = facts.prompt_mask if facts.prompt_mask is not None else np.ones_like(prompt_ids)
@@ -149,8 +151,6 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
     if facts.last_cache is not None:
         cache = cache_inspector.build_timeline(facts.last_cache, facts.readings[:n_steps], batch_size=batch,
                                                reused_len=facts.reused_len)
-    meta = _meta(plan, config, tokenizer, facts, status, error)
-    steps = [_with_reasons(s, d, tokenizer, meta.terminators, host) for s, d in zip(steps, kept)]
     for key in list(blobs.keys()):  # host tensors -> numpy, after the one sync in finish
         blobs.put(key, _np(blobs.get(key)))
     ordered = _shown_ids(seqs, steps)
@@ -184,13 +184,13 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
 
 def _shown_ids(sequences: np.ndarray, steps: Sequence[StepRecord]) -> list[int]:
     """Every token id the trace shows: sequences, every stage's top-k, the logit lens's best."""
-    ids: set[int] = set(np.unique(sequences).tolist())
+    parts = [sequences.reshape(-1)]
     for step in steps:
-        for stage in step.stages:
-            ids.update(np.unique(stage.top.ids).tolist())
+        parts += [stage.top.ids.reshape(-1) for stage in step.stages]
         if step.logit_lens is not None:
-            ids.update(np.unique(step.logit_lens.top_id).tolist())
-    return sorted(i for i in ids if i >= 0)
+            parts.append(step.logit_lens.top_id.reshape(-1))
+    ids = np.unique(np.concatenate([p.astype(np.int64, copy=False) for p in parts]))
+    return ids[ids >= 0].tolist()
 
 
 def _generated(steps: Sequence[StepRecord], b: int) -> list[int]:
@@ -202,21 +202,21 @@ def _generated(steps: Sequence[StepRecord], b: int) -> list[int]:
     return out
 
 
-def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies") -> StepRecord:
+def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "_ReasonOf") -> StepRecord:
     fed = d.inputs
     ids = host(fed.input_ids).astype(np.int64) if fed.input_ids is not None else np.zeros((0, 0), np.int64)
     q_len = ids.shape[1] if ids.ndim == 2 else 0
+    own = np.asarray  # the stage statistics are the recorder's own host arrays: not copied again
     stages = tuple(
         Stage(
             name=st.name,
             params=st.params,
-            top=TopK(ids=host(st.ids).astype(np.int64), values=host(st.values).astype(np.float32),
-                     logsumexp=host(st.lse).astype(np.float32)),
-            n_masked=host(st.masked).astype(np.int64),
-            chosen_rank=host(d.ranks[j]).astype(np.int64),
-            chosen_logprob=host(d.logps[j]).astype(np.float32),
-            kl=host(st.kl).astype(np.float32),
-            entropy=host(st.entropy).astype(np.float32),
+            top=TopK(ids=own(st.ids, np.int64), values=own(st.values, np.float32), logsumexp=own(st.lse, np.float32)),
+            n_masked=own(st.masked, np.int64),
+            chosen_rank=own(d.ranks[j], np.int64),
+            chosen_logprob=own(d.logps[j], np.float32),
+            kl=own(st.kl, np.float32),
+            entropy=own(st.entropy, np.float32),
         )
         for j, st in enumerate(d.stages)
     )
@@ -230,6 +230,8 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies") -> StepRecor
         stats = AttentionStats(layers=a.layers, entropy=host(a.entropy).astype(np.float32),
                                sink=host(a.sink).astype(np.float32), argmax=host(a.argmax).astype(np.int64))
     mask = host(fed.mask).astype(np.int8) if fed.mask is not None else None
+    chosen = host(d.chosen).astype(np.int64)
+    finished = host(d.finished).astype(bool)
     return StepRecord(
         index=d.index,
         inputs=StepInputs(
@@ -245,11 +247,11 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies") -> StepRecor
             cache_class=fed.cache_class,
         ),
         stages=stages,
-        chosen=host(d.chosen).astype(np.int64),
+        chosen=chosen,
         sampled=sampled,
         active=host(d.active).astype(bool),
-        finished=host(d.finished).astype(bool),
-        stop_reasons=(),  # resolved once token texts are known
+        finished=finished,
+        stop_reasons=reason_of(d.fired, chosen, finished, host) if finished.any() else (None,) * len(chosen),
         time_s=float(d.time_s),
         residual_norms=host(d.norms).astype(np.float32) if d.norms is not None else None,
         logit_lens=lens,
@@ -271,19 +273,26 @@ def stop_reason_of(criteria: Any, token_id: int, token_text: str) -> StopReason:
     return StopReason("criteria", None, "confidence" if name == "ConfidenceCriteria" else name)
 
 
-def _with_reasons(step: StepRecord, d: FinishedStep, tokenizer: Any, terminators: dict[int, str],
-                  host: "_HostCopies") -> StepRecord:
-    fired = [(c, host(r).astype(bool).reshape(-1)) for c, r in d.fired]
-    reasons: list[StopReason | None] = []
-    for b in range(step.chosen.shape[0]):
-        if not step.finished[b]:
-            reasons.append(None)
-            continue
-        token = int(step.chosen[b])
-        text = terminators.get(token) if token in terminators else _token_text(tokenizer, token)
-        candidates = [stop_reason_of(c, token, text) for c, r in fired if r.shape[0] > b and r[b]]
-        reasons.append(StopReason.first(candidates) or StopReason("criteria"))
-    return StepRecord(**{**step.__dict__, "stop_reasons": tuple(reasons)})
+class _ReasonOf:
+    """A step's stop reasons per sequence (None: not finished at this step), from what each
+    stopping criterion returned and the chosen token's text."""
+
+    def __init__(self, tokenizer: Any, terminators: dict[int, str]):
+        self.tokenizer, self.terminators = tokenizer, terminators
+
+    def __call__(self, fired: list, chosen: np.ndarray, finished: np.ndarray,
+                 host: "_HostCopies") -> tuple[StopReason | None, ...]:
+        results = [(c, host(r).astype(bool).reshape(-1)) for c, r in fired]
+        reasons: list[StopReason | None] = []
+        for b in range(chosen.shape[0]):
+            if not finished[b]:
+                reasons.append(None)
+                continue
+            token = int(chosen[b])
+            text = self.terminators[token] if token in self.terminators else _token_text(self.tokenizer, token)
+            candidates = [stop_reason_of(c, token, text) for c, r in results if r.shape[0] > b and r[b]]
+            reasons.append(StopReason.first(candidates) or StopReason("criteria"))
+        return tuple(reasons)
 
 
 def _meta(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: GenerationFacts, status: str,

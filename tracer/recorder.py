@@ -288,11 +288,10 @@ class StepRecorder:
                                      and torch.equal(scores, step.last_scores))):
             step.row_of.append(step.row_of[-1])  # a processor that changed nothing: same row
         else:
-            with torch.no_grad():
-                row = self.pool.keep(scores)
-                if not step.n_rows:
-                    step.first_row = row
-                if not step.n_rows and self.config.full_logits:
+            row = self.pool.keep(scores.detach())
+            if not step.n_rows:
+                step.first_row = row
+                if self.config.full_logits:
                     step.full_logits = to_host(scores.detach().float())
             step.row_of.append(step.n_rows)
             step.n_rows += 1
@@ -304,12 +303,12 @@ class StepRecorder:
         step = self.cur
         plan = self.plan
         with torch.no_grad():
-            chosen = input_ids[:, -1].detach()
+            chosen = input_ids.select(1, -1)
             if self.unfinished is None:
                 self.unfinished = torch.ones_like(is_done)
-            active = self.unfinished.clone()
+            active = self.unfinished  # (never written in place: each step's is a new tensor)
             finished = active & is_done
-            self.unfinished = active & ~is_done
+            self.unfinished = active ^ finished  # active and not done
             lens = self._logit_lens(step, chosen) if plan.lens_layers else None
             norms = self._residual_norms(step)
             for i in plan.hidden_layers:

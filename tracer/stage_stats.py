@@ -64,6 +64,11 @@ class RowPool:
         for :data:`ROW_POOL_BYTES`, at least one step), and grows (a step with more rows than
         stages) or widens (a processor returned a wider dtype) keeping the rows it holds."""
         rows = self.rows
+        if rows is not None and self.used < rows.shape[0] and scores.dtype == rows.dtype \
+                and scores.shape == rows.shape[1:]:  # the common case, kept short
+            rows[self.used].copy_(scores)
+            self.used += 1
+            return self.used - 1
         dtype = scores.dtype if rows is None else torch.promote_types(rows.dtype, scores.dtype)
         if rows is not None and tuple(rows.shape[1:]) != tuple(scores.shape):
             raise RuntimeError(f"score rows changed shape during generation: {tuple(rows.shape[1:])} -> "
@@ -153,6 +158,8 @@ class RowPool:
         for group, first, host in groups:
             a = {k: v.numpy() for k, v in host.items()}
             zero = np.zeros_like(a["kl"][0])
+            for arr in (*a.values(), zero):  # the records hold views of these, shared (frozen records)
+                arr.setflags(write=False)
             for w in group:
                 base = w.first_row - first
                 stages, prev = [], -1
