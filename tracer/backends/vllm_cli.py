@@ -77,24 +77,26 @@ def generation_config(args: Any, tokenizer: Any) -> dict[str, Any]:
     preset_stops = getattr(args, "stop", None)
     if preset_stops is not None:
         stops = list(preset_stops)
-    config: dict[str, Any] = {
-        "max_tokens": int(args.max_new_tokens),
-        "temperature": (args.temperature if args.temperature is not None else 1.0) if args.do_sample else 0.0,
-        "seed": int(getattr(args, "seed", 0) or 0),
-        "stop_token_ids": stop_ids,
-    }
+    flags = {k: v for k, v in flag_config(args).items() if v is not None}
+    config: dict[str, Any] = {k: flags[k] for k in ("max_tokens", "temperature", "seed")}
+    config["stop_token_ids"] = stop_ids
     if stops:
         config["stop"] = stops
-    if args.do_sample:  # greedy ignores them in vLLM too; keep the file what was used
-        for flag in ("top_k", "top_p"):
-            value = getattr(args, flag, None)
-            if value is not None:
-                config[flag] = value
-    for flag in ("repetition_penalty", "presence_penalty"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            config[flag] = value
+    config.update(flags)  # the rest, in the order the file always had
     return config
+
+
+def flag_config(args: Any) -> dict[str, Any]:
+    """The part of :func:`generation_config` the flags alone decide (no tokenizer: known before
+    the engine starts); an option that adds nothing is ``None`` here (absent there)."""
+    sampled = bool(args.do_sample)  # greedy ignores top-k/top-p in vLLM too; keep the file what was used
+    return {
+        "max_tokens": int(args.max_new_tokens),
+        "temperature": (args.temperature if args.temperature is not None else 1.0) if sampled else 0.0,
+        "seed": int(getattr(args, "seed", 0) or 0),
+        **{flag: getattr(args, flag, None) if sampled else None for flag in ("top_k", "top_p")},
+        **{flag: getattr(args, flag, None) for flag in ("repetition_penalty", "presence_penalty")},
+    }
 
 
 def prompt_requests(tokenizer: Any, prompts: Iterable[str], args: Any) -> list[dict[str, Any]]:
