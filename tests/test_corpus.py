@@ -218,6 +218,68 @@ def test_cli_refusals_before_the_model(tmp_path, capsys, no_model):
     assert not (tmp_path / "d").exists()
 
 
+def test_cli_resume_with_other_settings_refused_before_the_model(tmp_path, capsys, monkeypatch):
+    """What the options decide (settings, chat, system) is compared with the dataset before the
+    model loads; the dataset is left byte for byte as it was."""
+    loads = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        loads.append(kwargs)
+        raise Loaded("the model loader was reached")
+
+    monkeypatch.setattr(tracer.models, "load_model", load_model)
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": "a", "prompt": "hi"}\n{"id": "z", "prompt": "new"}\n', encoding="utf-8")
+    d = tmp_path / "ds"
+    # what `tracer run --dataset d --max-new-tokens 6` records (pad/eos come from the tokenizer)
+    write_synthetic(d, meta={**META, "chat": False, "settings": {
+        "max_new_tokens": 6, "do_sample": False, "seed": 0, "pad_token_id": 2, "eos_token_id": [2]}})
+    before = {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()}
+    base = ["run", "--dataset", str(d), "--data-file", str(data)]
+    refused(capsys, [*base, "--max-new-tokens", "7"],
+            'was written with a different settings ({"max_new_tokens": 6} vs {"max_new_tokens": 7} now)')
+    refused(capsys, [*base, "--max-new-tokens", "6", "--do-sample", "--temperature", "0.5"],
+            'different settings ({"do_sample": false, "temperature": null} vs {"do_sample": true, "temperature": 0.5} now)')
+    refused(capsys, [*base, "--max-new-tokens", "6", "--seed", "1"], 'different settings ({"seed": 0} vs {"seed": 1} now)')
+    refused(capsys, [*base, "--max-new-tokens", "6", "--with-prompt"], "different chat (false vs true now)")
+    refused(capsys, [*base, "--max-new-tokens", "6", "--use-vllm"], "holds transformers rows")
+    assert loads == []
+    assert {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()} == before
+    # the same options pass the early check and reach the loader (the rest is compared after it)
+    refused(capsys, [*base, "--max-new-tokens", "6"], "the model loader was reached")
+    assert len(loads) == 1
+    assert {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()} == before
+    # a vLLM dataset: its flags' part of the sampling settings, before the engine starts
+    v = tmp_path / "v"
+    write_synthetic(v, meta={**META, "engine": "vllm", "schema": "vllm-1", "chat": False, "settings": {
+        "max_tokens": 6, "temperature": 0.0, "seed": 0, "stop_token_ids": [2]}})
+    before = {str(f.relative_to(v)): f.read_bytes() for f in v.rglob("*") if f.is_file()}
+    vbase = ["run", "--use-vllm", "--dataset", str(v), "--data-file", str(data)]
+    refused(capsys, [*vbase, "--max-new-tokens", "7"], 'different settings ({"max_tokens": 6} vs {"max_tokens": 7} now)')
+    refused(capsys, [*vbase, "--max-new-tokens", "6", "--repetition-penalty", "1.1"],
+            'different settings ({"repetition_penalty": null} vs {"repetition_penalty": 1.1} now)')
+    assert {str(f.relative_to(v)): f.read_bytes() for f in v.rglob("*") if f.is_file()} == before
+    assert len(loads) == 1
+
+
+def test_known_identity_refuses_nothing_the_writer_accepts(tmp_path):
+    from tracer.corpus.dataset import check_known_identity
+
+    meta = {**META, "settings": {"max_new_tokens": 6, "pad_token_id": 2}}
+    write_synthetic(tmp_path / "ds", meta=meta)
+    old = json.loads((tmp_path / "ds" / "corpus.json").read_text())
+    check_known_identity(tmp_path / "ds", old, {"chat": None, "system": None, "schema": "hf-1"},
+                         {"max_new_tokens": 6, "temperature": None})
+    CorpusWriter(tmp_path / "ds", dict(meta))  # the same identity resumes
+    with pytest.raises(CorpusError, match=r"different system \(null vs \"be brief\" now\)"):
+        check_known_identity(tmp_path / "ds", old, {"system": "be brief"}, {})
+    with pytest.raises(CorpusError, match=r'different settings \(\{"temperature": null\} vs \{"temperature": 0.5\} now\)'):
+        check_known_identity(tmp_path / "ds", old, {}, {"max_new_tokens": 6, "temperature": 0.5})
+
+
 # ------------------------------------------------------------------------------ real model
 PROMPTS = ["What is the capital of France?", "用一句话介绍长城。", "Write a haiku about rain.",
            "List three prime numbers.", "你好！你是谁？"]

@@ -1,8 +1,9 @@
 """Command line of the corpus layer: ``tracer run --dataset DIR`` and ``tracer compare DIR_A DIR_B``.
 
 ``tracer.cli.run`` and ``tracer.analysis.cli`` dispatch here early; everything that can be
-checked without the model (options, the data file, the dataset folder and its engine) is
-checked before the model loads, and each failure is one ``tracer: error:`` line."""
+checked without the model (options, the data file, the dataset folder, its engine and, on a
+resume, the settings the options decide) is checked before the model loads, and each failure
+is one ``tracer: error:`` line."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..cli.common import CliError, Interrupted, shown
 from .data import CorpusError, PromptItem, as_items, read_data_file
-from .dataset import check_dataset_folder, open_dataset
+from .dataset import check_dataset_folder, check_known_identity, open_dataset
 
 __all__ = ["add_run_options", "cmd_run_corpus", "cmd_compare_corpus"]
 
@@ -78,9 +79,38 @@ def validate(args: argparse.Namespace) -> list[PromptItem]:
     if old is not None and old.get("engine") != engine:
         raise CliError(f"dataset {shown(args.dataset)} holds {old.get('engine')} rows (schema {old.get('schema')}); "
                        f"this run would add {engine} rows: use another folder")
+    if old is not None:
+        check_known_identity(args.dataset, old, *_known_identity(args))
     if args.trace_dir is not None:
         check_output_folder(args.trace_dir, "--trace-dir")
     return items
+
+
+def _known_identity(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dataset identity this run will record, as far as it is known before the model loads:
+    ``(identity keys, generation settings)`` for :func:`check_known_identity`.
+
+    Known from the options: the schema, ``chat`` and ``system`` (what every engine records), and
+    the settings the flags give.  Known only once the model (or vLLM engine) is loaded, and so
+    still compared by ``CorpusWriter`` after the load: ``model`` (the loaded config's name),
+    ``dtype`` (``auto`` and quantization resolve on load), and the settings taken from the model
+    and tokenizer (``pad_token_id`` and ``eos_token_id`` for generate; ``stop_token_ids`` and
+    ``stop`` for vLLM)."""
+    known: dict[str, Any] = {"chat": args.with_prompt, "system": args.system}
+    if args.use_vllm:
+        from ..backends.vllm_cli import flag_config
+        from .vllm_engine import SCHEMA as VLLM_SCHEMA
+
+        # run_vllm_corpus records generation_config(args, tokenizer): these flags' part of it
+        return {**known, "schema": VLLM_SCHEMA}, flag_config(args)
+    from .engine import SCHEMA
+
+    # trace_corpus / trace_corpus_ray record resolved_settings(): the flags' generate kwargs,
+    # then the seed, then pad/eos from the model and tokenizer (not known yet)
+    settings = {name: None for name in ("temperature", "top_k", "top_p", "repetition_penalty")}
+    settings.update(_settings(args))
+    settings["seed"] = args.seed
+    return {**known, "schema": SCHEMA}, settings
 
 
 def cmd_run_corpus(args: argparse.Namespace) -> int:

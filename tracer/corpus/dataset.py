@@ -70,10 +70,30 @@ def check_dataset_folder(path: str | Path, meta: dict[str, Any] | None = None) -
     if meta is not None:
         for key in IDENTITY_KEYS:
             if old.get(key) != meta.get(key):
-                raise CorpusError(
-                    f"dataset {path} was written with a different {key} ({_short(old.get(key))} vs "
-                    f"{_short(meta.get(key))} now): resume only with the same settings, or use another folder")
+                _refuse_resume(path, key, old.get(key), meta.get(key))
     return old
+
+
+def check_known_identity(path: str | Path, old: dict[str, Any], known: dict[str, Any],
+                         settings: dict[str, Any]) -> None:
+    """Before the model loads: refuse to resume the dataset at ``path`` (metadata ``old``) when
+    a part of its identity that is known without the model differs.  ``known``: identity keys
+    (of :data:`IDENTITY_KEYS`) and their values for the new run; ``settings``: the generation
+    settings the new run will record, compared one by one (an absent setting is ``None``), only
+    for the names given.  What is left out here is compared by :class:`CorpusWriter` once the
+    model is loaded; this check refuses nothing that one would accept."""
+    for key, value in known.items():
+        if old.get(key) != value:
+            _refuse_resume(path, key, old.get(key), value)
+    old_settings = old.get("settings") if isinstance(old.get("settings"), dict) else {}
+    differ = [name for name in settings if old_settings.get(name) != settings[name]]
+    if differ:
+        _refuse_resume(path, "settings", {n: old_settings.get(n) for n in differ}, {n: settings[n] for n in differ})
+
+
+def _refuse_resume(path: Path | str, key: str, old: Any, new: Any) -> None:
+    raise CorpusError(f"dataset {path} was written with a different {key} ({_short(old)} vs {_short(new)} now): "
+                      "resume only with the same settings, or use another folder")
 
 
 def _short(value: Any, limit: int = 120) -> str:
