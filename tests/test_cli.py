@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tracer.cli import DEFAULT_PROMPTS, Result, build_parser, format_summary, main
+from tracer.text import display_width
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,6 +163,25 @@ def test_sampling_is_seeded_and_tracing_changes_nothing(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Traced runs (need the recorder API)
 # ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_summary_clips_a_chinese_prompt_to_its_column(tmp_path):
+    prompt = "为什么要减少污染，保护环境？请详细说明原因，并给出三条具体的建议。"  # 33 characters, 66 columns
+    data = tmp_path / "zh.txt"
+    data.write_text(prompt + "\n", encoding="utf-8")
+    proc = run_cli("run", "--no-trace", "--max-new-tokens", "2", "--data-file", str(data))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("#  prompt"))
+    header, rule, row = lines[at: at + 3]
+    # the prompt column is 32 terminal columns at most: 15 characters (2 each) and "…"
+    assert rule.split()[1] == "-" * 31
+    assert row.startswith("0  " + prompt[:15] + "…  ")
+    assert display_width(row[: row.index("…") + 1]) == 3 + 31
+    # the next column lines up with its header in terminal columns
+    end = header.index("new tokens") + len("new tokens")
+    assert display_width(row[: row.index(" 2 ") + 2]) == display_width(header[:end])
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from tracer.testing import make_trace
-from tracer.text import Piece, html_text, piece_of, pieces, terminal_safe, token_pieces, visible
+from tracer.text import (Piece, clip, clip_middle, display_width, graphemes, html_text, piece_of, pieces, terminal_safe,
+                         token_pieces, visible)
 
 # the seed's prompts and harder cases: emoji with skin tone, a ZWJ family, a flag, combining marks
 TEXTS = [
@@ -194,6 +195,53 @@ def test_terminal_safe():
     assert terminal_safe(family) == family  # ZWJ, CJK and combining marks are kept
     assert terminal_safe("x" * 10, limit=5) == "xxxx…"
     assert not re.search(r"[\x00-\x1f\x7f-\x9f]", terminal_safe("".join(map(chr, range(256)))))
+
+
+# -- clipping to terminal columns -----------------------------------------------------
+
+
+def test_display_width_counts_what_a_terminal_draws():
+    assert display_width("北京。，") == 8  # wide and full-width: two columns each
+    assert display_width("ok") == 2
+    # one cluster each, two columns: skin tone, ZWJ family, flag, emoji presentation
+    for emoji in ("👍🏽", "👨\u200d👩\u200d👧", "🇫🇷", "❤\ufe0f"):
+        assert graphemes(emoji) == [emoji] and display_width(emoji) == 2, emoji
+    assert graphemes("e\u0301x") == ["e\u0301", "x"] and display_width("e\u0301x") == 2
+
+
+def test_clip_chinese_fits_the_width_exactly():
+    prompt = "为什么要减少污染，保护环境？" * 3  # 42 characters, 84 columns
+    for width in range(1, 40, 2):  # odd widths: whole characters (2 each) and "…" (1) fill them
+        got = clip(prompt, width)
+        assert display_width(got) == width and got == prompt[: (width - 1) // 2] + "…", (width, got)
+    for width in range(2, 40, 2):  # even widths: one column short, never half a character
+        got = clip(prompt, width)
+        assert display_width(got) == width - 1 and got == prompt[: (width - 2) // 2] + "…", (width, got)
+    assert clip(prompt, 84) == prompt and clip(prompt, 83) == prompt[:41] + "…"
+    assert clip("北京", 0) == "" and clip("北京", 1) == "…"
+
+
+def test_clip_emoji_keeps_whole_clusters():
+    text = "👍🏽a👨\u200d👩\u200d👧b🇫🇷c" + "e\u0301" * 10
+    clusters = graphemes(text)
+    assert clusters[:6] == ["👍🏽", "a", "👨\u200d👩\u200d👧", "b", "🇫🇷", "c"]
+    assert display_width(text) == 19
+    for width in range(1, display_width(text)):
+        got = clip(text, width)
+        assert got.endswith("…"), (width, got)
+        assert text.startswith(got[:-1]) and graphemes(got[:-1]) == clusters[: len(graphemes(got[:-1]))]
+        nxt = clusters[len(graphemes(got[:-1]))]
+        assert display_width(got) == width or display_width(got) + display_width(nxt) > width, (width, got)
+    assert clip(text, 4) == "👍🏽a…"  # exactly 4 columns
+    assert clip(text, 6) == "👍🏽a👨\u200d👩\u200d👧…" and display_width(clip(text, 6)) == 6
+    assert clip(text, 5) == "👍🏽a…"  # the family would need 2 more: never a part of it
+
+
+def test_clip_middle_keeps_head_and_tail():
+    text = "前" * 20 + "中" * 20 + "后" * 20
+    got = clip_middle(text, 41, head=0.25)
+    assert display_width(got) == 41 and got == "前" * 5 + "…" + "后" * 15
+    assert clip_middle("短", 10) == "短"
 
 
 def test_html_text_escapes_and_encodes():

@@ -37,6 +37,10 @@ __all__ = [
     "html_text",
     "escape_bytes",
     "is_blank",
+    "graphemes",
+    "display_width",
+    "clip",
+    "clip_middle",
 ]
 
 #: Markers for whitespace and control characters in token displays.
@@ -93,9 +97,92 @@ def visible(text: str, *, blank: bool | None = None) -> str:
     return s
 
 
+_ZWJ = "\u200d"
+_VS16 = "\ufe0f"  # emoji presentation: the character before it is drawn two columns wide
+
+
+def _extends(c: str) -> bool:
+    """Does ``c`` belong to the cluster before it (combining marks, variation selectors, emoji
+    skin-tone modifiers, tag characters of subdivision flags)?"""
+    o = ord(c)
+    return (unicodedata.category(c) in ("Mn", "Me", "Mc") or 0x1F3FB <= o <= 0x1F3FF
+            or 0xE0020 <= o <= 0xE007F or c == _ZWJ)
+
+
+def _regional(c: str) -> bool:
+    return 0x1F1E6 <= ord(c) <= 0x1F1FF
+
+
+def graphemes(text: str) -> list[str]:
+    """``text`` split into what a reader sees as one character: a base character with its
+    combining marks, variation selector and skin-tone modifier (``👍🏽``, ``é``), emoji joined
+    by ZWJ (``👨\u200d👩\u200d👧``), a pair of regional indicators (a flag).  A close, standard
+    library approximation of Unicode's extended grapheme clusters, enough for clipping and
+    measuring display text."""
+    out: list[str] = []
+    for c in text:
+        if out and (_extends(c) or out[-1].endswith(_ZWJ)
+                    or (_regional(c) and _regional(out[-1][-1]) and len(out[-1]) == 1)):
+            out[-1] += c
+        else:
+            out.append(c)
+    return out
+
+
+def _cluster_width(g: str) -> int:
+    base = g[0]
+    if _regional(base) or _VS16 in g or unicodedata.east_asian_width(base) in "WF":
+        return 2
+    if _extends(base) and base != _ZWJ and unicodedata.category(base) != "Mc":
+        return 1  # a mark with nothing to sit on is drawn on its own (visible() adds a dotted circle)
+    return 0 if base == _ZWJ else 1
+
+
 def display_width(text: str) -> int:
-    """Terminal columns: East Asian wide/full-width characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    """Terminal columns: East Asian wide/full-width characters and emoji take two, a character's
+    combining marks, variation selectors, skin-tone modifiers and ZWJ-joined emoji none more
+    (measured per :func:`graphemes`)."""
+    return sum(_cluster_width(g) for g in graphemes(text))
+
+
+def clip(text: str, width: int, *, mark: str = "…") -> str:
+    """``text`` if it fits in ``width`` terminal columns, else its longest start of whole
+    :func:`graphemes` that fits together with ``mark`` (a Chinese character or an emoji is never
+    cut in half).  The result is at most ``width`` columns; one less only where the next
+    character is two columns wide."""
+    if display_width(text) <= width:
+        return text
+    room = width - display_width(mark)
+    if room < 0:
+        return ""
+    out, used = [], 0
+    for g in graphemes(text):
+        used += _cluster_width(g)
+        if used > room:
+            break
+        out.append(g)
+    return "".join(out) + mark
+
+
+def clip_middle(text: str, width: int, *, head: float = 0.5, mark: str = "…") -> str:
+    """``text`` if it fits in ``width`` terminal columns, else its start and its end around
+    ``mark``: the start takes the fraction ``head`` of the room, the end the rest (whole
+    :func:`graphemes` on both sides, at most ``width`` columns in all)."""
+    if display_width(text) <= width:
+        return text
+    room = width - display_width(mark)
+    if room < 0:
+        return ""
+    clusters = graphemes(text)
+    start = clip(text, int(room * head), mark="")
+    rest = room - display_width(start)
+    tail: list[str] = []
+    for g in reversed(clusters[len(graphemes(start)):]):
+        rest -= _cluster_width(g)
+        if rest < 0:
+            break
+        tail.append(g)
+    return start + mark + "".join(reversed(tail))
 
 
 def terminal_safe(s: Any, limit: int | None = None) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..records import Trace, TracerError, blob_key
-from ..text import display_width, pieces, running_text, terminal_safe, token_pieces
+from ..text import clip, display_width, pieces, running_text, terminal_safe, token_pieces
 
 __all__ = ["CompareError", "Comparison", "compare", "StepView"]
 
@@ -331,21 +331,13 @@ def _pad(cell: str, width: int) -> str:
     return cell + " " * max(width - display_width(cell), 0)
 
 
-def _cell(text: str | None, lp: float) -> str:
+def _cell(text: str | None, lp: float, width: int = 26) -> str:
+    """``'token' (log-prob)`` in at most ``width`` terminal columns: the token clipped, the
+    log-prob whole."""
     if text is None:
         return "—"
-    return _clip(f"'{terminal_safe(text)}'", 18) + f" ({lp:.3f})"  # the display piece, terminal-safe
-
-
-def _clip(s: str, cols: int) -> str:
-    """The longest start of ``s`` that fits in ``cols`` terminal columns."""
-    out, used = [], 0
-    for ch in s:
-        used += display_width(ch)
-        if used > cols:
-            break
-        out.append(ch)
-    return "".join(out)
+    lp_text = f" ({lp:.3f})"
+    return clip(f"'{terminal_safe(text)}'", width - len(lp_text)) + lp_text  # the display piece, terminal-safe
 
 
 def compare(a: Trace, b: Trace, *, stage: int | str = 0, names: tuple[str, str] = ("a", "b"),

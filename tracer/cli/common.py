@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..text import display_width
+from ..text import clip, display_width
 
 #: The seed script's two sample prompts (the default of ``tracer run``).
 DEFAULT_PROMPTS = ("为什么要减少污染，保护环境？", "你有什么建议？")
@@ -99,17 +99,13 @@ def shown(value: Any, limit: int = 300) -> str:
     return text
 
 
-def _truncate(text: str, width: int) -> str:
-    text = shown(" ".join(text.split()), 10_000)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def format_summary(results: Sequence[Result], width: int = 32) -> str:
-    """A plain-text table: prompt, new tokens, stop reason, time, tokens/s."""
+    """A plain-text table: prompt (on one line, clipped to ``width`` terminal columns), new
+    tokens, stop reason, time, tokens/s."""
     header = ("#", "prompt", "new tokens", "stop reason", "time s", "tokens/s")
     rows = [
-        (str(i), _truncate(r.prompt, width), str(r.new_tokens), shown(r.stop_reason, 40), f"{r.time_s:.2f}",
-         f"{r.tokens_per_s:.1f}")
+        (str(i), clip(shown(" ".join(r.prompt.split()), 10_000), width), str(r.new_tokens), shown(r.stop_reason, 40),
+         f"{r.time_s:.2f}", f"{r.tokens_per_s:.1f}")
         for i, r in enumerate(results)
     ]
     widths = [max(len(h), *(display_width(row[c]) for row in rows)) for c, h in enumerate(header)]
