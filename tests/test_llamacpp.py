@@ -227,3 +227,47 @@ def test_greedy_against_generate_on_the_same_weights(llm, ids, hf):
     free = tracer.compare(gen, lc).summary()["sequences"][0]
     if free["first_divergence"] is not None:  # where they part, each token is in the other's top-k
         assert free["divergence"]["close"]
+
+
+# --------------------------------------------------------------------------------------------
+# What the trace says about the seed and the terminators (meta, generation settings, report)
+# --------------------------------------------------------------------------------------------
+
+
+def _report_rows(trace):
+    import re
+
+    return dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", trace.to_html()))
+
+
+def test_seed_recorded_as_it_ran(llm, ids):
+    prompt = ids[HI]
+    # greedy: the seed passed, never llama.cpp's LLAMA_DEFAULT_SEED sentinel; no sampler seed
+    llm.reset()
+    [g] = llamacpp_generate(llm, prompt, temperature=0.0, max_tokens=3, seed=5)
+    assert g.meta.generation_config["seed"] == 5 == g.meta.backend_info["sampling"]["seed"]
+    assert g.meta.backend_info["llama_seed"] is None and g.meta.backend_info["sampler_chain"][-1] == "greedy"
+    assert _report_rows(g)["seed"] == "5" and "4294967295" not in g.to_html()
+    assert any("greedy sampler draws no random number, so the seed given (5) changes nothing" in n
+               for n in g.meta.notes)
+    llm.reset()
+    [g0] = llamacpp_generate(llm, prompt, temperature=0.0, max_tokens=3)  # no seed given: none recorded
+    assert g0.meta.generation_config["seed"] is None and "seed" not in _report_rows(g0)
+    assert g0.generated_ids().tolist() == g.generated_ids().tolist()
+    # sampling: the seed llama.cpp's dist sampler used, everywhere the trace shows one
+    kw = dict(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=12)
+    llm.reset()
+    [s] = llamacpp_generate(llm, prompt, seed=1234, **kw)
+    assert s.meta.generation_config["seed"] == 1234 == s.meta.backend_info["llama_seed"]
+    assert _report_rows(s)["seed"] == "1234"
+    # llama.cpp's "no seed" value draws a random seed: the trace records the one drawn, which reruns the tokens
+    sentinel = llama_cpp.LLAMA_DEFAULT_SEED
+    llm.reset()
+    [r] = llamacpp_generate(llm, prompt, seed=sentinel, **kw)
+    drawn = r.meta.generation_config["seed"]
+    assert drawn != sentinel and r.meta.backend_info["llama_seed"] == drawn and _report_rows(r)["seed"] == str(drawn)
+    assert any(f"drew seed {drawn}" in n for n in r.meta.notes)
+    llm.reset()
+    [again] = llamacpp_generate(llm, prompt, seed=drawn, **kw)
+    assert again.generated_ids().tolist() == r.generated_ids().tolist()
+    assert s.generated_ids().tolist() != r.generated_ids().tolist()  # the seed matters at this temperature

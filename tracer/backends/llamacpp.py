@@ -289,7 +289,17 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
         if settings["penalize_prompt"]:
             for t in prompt:
                 lc.llama_sampler_accept(chain.sampler, int(t))
-        settings["seed"] = int(lc.llama_sampler_get_seed(chain.sampler))
+        notes: list[str] = []
+        llama_seed = None  # the seed of llama.cpp's dist sampler; None when the chain has none (greedy)
+        if spec[-1][0] == "dist":  # the seed dist really uses (llama.cpp draws one for LLAMA_DEFAULT_SEED)
+            settings["seed"] = llama_seed = int(lc.llama_sampler_get_seed(chain.sampler))
+            if seed is not None and int(seed) == lc.LLAMA_DEFAULT_SEED:
+                notes.append(f"seed {seed} is llama.cpp's LLAMA_DEFAULT_SEED ('draw a random seed'): "
+                             f"llama.cpp's dist sampler drew seed {settings['seed']}, recorded as the seed")
+        else:  # greedy: no sampler draws a random number; the chain's "seed" would be the sentinel
+            settings["seed"] = None if seed is None else int(seed)
+            notes.append("greedy: llama.cpp's greedy sampler draws no random number, so the seed "
+                         + (f"given ({settings['seed']}) changes nothing" if seed is not None else "does not apply (none given)"))
         stop_bytes = [s.encode("utf-8") for s in settings["stop"]]
         pieces: dict[int, bytes] = {}
         start = time.perf_counter()
@@ -347,12 +357,12 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
             status, reason = "interrupted", None
             text = llm.detokenize(completion, prev_tokens=prompt)
             raise InterruptedRun(_finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces,
-                                       record, reused, start, status, error)) from None
+                                       record, reused, start, status, error, notes, llama_seed)) from None
         if not traced:
             return Completion([c.chosen for c in captures], bytes(text).decode("utf-8", errors="ignore"), reason,
                               time.perf_counter() - start, reused)
         return _finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces, record, reused,
-                       start, status, error)
+                       start, status, error, notes, llama_seed)
     finally:
         chain.close()
 
@@ -384,12 +394,13 @@ def _piece(llm: Any, token: int, cache: dict[int, bytes]) -> bytes:
 
 
 def _finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces, record, reused, start,
-            status, error) -> Trace:
-    info = {"llama_seed": settings["seed"], "finish_reason": "length" if reason == "max_length" else
+            status, error, notes=(), llama_seed=None) -> Trace:
+    info = {"llama_seed": llama_seed, "finish_reason": "length" if reason == "max_length" else
             (None if reason is None else "stop"), "completion_tokens": sum(1 for c in captures
                                                                            if c is not captures[-1] or reason != "eos")}
     return trace_from_steps(
         captures, facts=facts, prompt_ids=prompt, prompt_text=prompt_text, settings=settings, stop=reason,
         output_text=bytes(text).decode("utf-8", errors="ignore"), token_piece=lambda i: _piece(llm, i, pieces),
         record=record, reused=reused, info=info, wall_time_s=time.perf_counter() - start, status=status, error=error,
+        notes=notes,
     )

@@ -239,12 +239,14 @@ def trace_from_steps(
     wall_time_s: float = 0.0,
     status: str = "complete",
     error: str | None = None,
+    notes: Sequence[str] = (),
 ) -> Trace:
     """One :class:`Trace` of a llama.cpp run (batch size 1).
 
     ``stop``: why the last step ended the run (None: not finished).  ``token_piece(id)``: the raw
     bytes of a token (called for every id the trace uses: prompt, chosen, recorded top-k).  ``reused``: prompt
-    tokens whose KV cells were kept from the previous run (multi-turn)."""
+    tokens whose KV cells were kept from the previous run (multi-turn).  ``notes``: added to the
+    trace's notes (e.g. what the seed did)."""
     record = record or RecordConfig()
     vocab = int(facts.n_vocab)
     k = int(record.top_k)
@@ -281,6 +283,7 @@ def trace_from_steps(
     raw = {i: bytes(token_piece(i)) for i in sorted(ids_used | set(facts.eog_ids))}
     text = {i: b.decode("utf-8", "replace") for i, b in raw.items()}
     meta = _meta(facts, settings, record, info or {}, captures, reused, n_prompt, wall_time_s, status, error)
+    meta.notes[1:1] = [str(n) for n in notes]
     meta.terminators = {int(i): text[int(i)] for i in facts.eog_ids}
     return Trace.from_steps(
         meta, steps,
