@@ -22,7 +22,7 @@ from tracer.export import inspect_trace, trace_to_html, trace_to_perfetto
 from tracer.records import MemoryStore, TopK, blob_key, replace
 from tracer.storage import save_trace
 from tracer.testing import make_trace
-from tracer.text import html_text, piece_of
+from tracer.text import display_width, graphemes, html_text, piece_of, terminal_safe
 from tracer.viz import report
 from tracer.viz.shared import heat_rgb, whole_maps
 
@@ -433,6 +433,26 @@ def test_inspect_escapes_the_folder_name(tmp_path):
     out = inspect_trace(folder)
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     assert "\\x1b[2J\\x07evil\\u202e.trace" in out
+
+
+@pytest.mark.parametrize("name", [None, "llama-3"])  # the embedded SmolLM2's tokenizer, Llama 3's
+def test_inspect_prompt_preview_shows_the_users_instruction(tmp_path, name):
+    from tracer.models import load_tokenizer
+    from tracer.session import encode_prompts
+
+    instruction = "请用三句话介绍北京，\n并说明原因。"
+    texts, _ = encode_prompts(load_tokenizer(name), instruction)  # SmolLM2 adds its long default system prompt
+    assert texts[0].index(instruction) > 80 or name is not None  # the old 80-character preview stopped before it
+    trace = make_trace(batch=1)
+    trace.prompts = texts
+    out = inspect_trace(save_trace(trace, tmp_path / "p.trace"))
+    preview = next(ln for ln in out.splitlines() if ln.startswith("prompt[0]: "))[len("prompt[0]: "):]
+    assert terminal_safe(instruction) in preview  # the user's own text, whole and exact
+    assert display_width(preview) <= export.PROMPT_PREVIEW_COLUMNS
+    head, tail = preview.split("…")  # exact text on both sides of one ellipsis, cut between
+    units = [terminal_safe(g) for g in graphemes(texts[0])]  # whole characters, never inside "\\x0a"
+    assert head in {"".join(units[:i]) for i in range(15, len(units))}
+    assert tail in {"".join(units[i:]) for i in range(len(units))}
 
 
 def test_chinese_prompt_on_the_embedded_model(embedded, tmp_path, monkeypatch):

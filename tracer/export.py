@@ -22,7 +22,7 @@ import numpy as np
 from .records import SCHEMA_VERSION, Trace, TraceFormatError, parse_blob_key
 from .storage import BLOBS, FORMAT_NAME, MANIFEST, TABLES, SafetensorsStore, load_trace
 from .text import html_text as _e
-from .text import piece_of, pieces, running_text, terminal_safe, token_pieces
+from .text import clip_middle, graphemes, piece_of, pieces, running_text, terminal_safe, token_pieces
 from .viz.report import cache_html, generation_rows, maps_html, sequence_html, steps_table_html
 from .viz.shared import backend_of
 
@@ -35,6 +35,21 @@ __all__ = ["inspect_trace", "trace_to_html", "trace_summary_html", "trace_to_per
 def _plain(s: Any, limit: int = 100) -> str:
     """``s`` for a terminal: control characters escaped, truncated with an ellipsis."""
     return terminal_safe(s, limit)
+
+
+#: Terminal columns of a prompt's preview in ``tracer inspect`` (80 characters before: up to
+#: 160 columns of Chinese), and the share of them kept from the prompt's start.
+PROMPT_PREVIEW_COLUMNS = 120
+PROMPT_PREVIEW_HEAD = 0.15
+
+
+def prompt_preview(prompt: str, width: int = PROMPT_PREVIEW_COLUMNS) -> str:
+    """A templated prompt on one terminal line of at most ``width`` columns: its start and its
+    end around "…".  A chat template puts the user's message last, followed only by the short
+    assistant header, so a long system prompt (SmolLM2's default, a seed's) is what is left
+    out, not the user's own text; the text kept is exact (control characters escaped), cut
+    only between whole characters (never inside an escape such as ``\\x0a``)."""
+    return clip_middle([terminal_safe(g) for g in graphemes(prompt)], width, head=PROMPT_PREVIEW_HEAD)
 
 
 def _size(n: int) -> str:
@@ -105,7 +120,7 @@ def _inspect_lines(trace: Trace, folder: Path) -> str:
             prompt = trace.prompts[b]
         else:
             prompt = running_text(pieces(trace, trace.prompt_tokens(b)))
-        lines.append(f"prompt[{b}]: {_plain(prompt, 80)}")
+        lines.append(f"prompt[{b}]: {prompt_preview(prompt)}")
     n = trace.num_steps
     total = trace.total_time_s
     lines.append(f"steps: {n}" + (f" (prefill + {n - 1} decode)" if n else "")

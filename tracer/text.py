@@ -21,7 +21,7 @@ from __future__ import annotations
 import html
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "Piece",
@@ -145,44 +145,48 @@ def display_width(text: str) -> int:
     return sum(_cluster_width(g) for g in graphemes(text))
 
 
-def clip(text: str, width: int, *, mark: str = "…") -> str:
-    """``text`` if it fits in ``width`` terminal columns, else its longest start of whole
-    :func:`graphemes` that fits together with ``mark`` (a Chinese character or an emoji is never
-    cut in half).  The result is at most ``width`` columns; one less only where the next
-    character is two columns wide."""
-    if display_width(text) <= width:
-        return text
-    room = width - display_width(mark)
-    if room < 0:
-        return ""
-    out, used = [], 0
-    for g in graphemes(text):
-        used += _cluster_width(g)
+def _units(text: str | Sequence[str]) -> list[str]:
+    return graphemes(text) if isinstance(text, str) else list(text)
+
+
+def _fit(widths: Sequence[int], room: int) -> int:
+    """How many of the leading ``widths`` fit in ``room`` columns."""
+    used = 0
+    for n, w in enumerate(widths):
+        used += w
         if used > room:
-            break
-        out.append(g)
-    return "".join(out) + mark
+            return n
+    return len(widths)
 
 
-def clip_middle(text: str, width: int, *, head: float = 0.5, mark: str = "…") -> str:
+def clip(text: str | Sequence[str], width: int, *, mark: str = "…") -> str:
+    """``text`` if it fits in ``width`` terminal columns, else its longest start that fits
+    together with ``mark``.  ``text``: a string, cut only between :func:`graphemes` (a Chinese
+    character or an emoji is never cut in half), or a sequence of pieces never cut (e.g. a
+    character's escape ``\\x0a``).  The result is at most ``width`` columns; one less only where
+    the next piece is two columns wide."""
+    units = _units(text)
+    widths = [display_width(u) for u in units]
+    if sum(widths) <= width:
+        return "".join(units)
+    room = width - display_width(mark)
+    return "" if room < 0 else "".join(units[: _fit(widths, room)]) + mark
+
+
+def clip_middle(text: str | Sequence[str], width: int, *, head: float = 0.5, mark: str = "…") -> str:
     """``text`` if it fits in ``width`` terminal columns, else its start and its end around
-    ``mark``: the start takes the fraction ``head`` of the room, the end the rest (whole
-    :func:`graphemes` on both sides, at most ``width`` columns in all)."""
-    if display_width(text) <= width:
-        return text
+    ``mark``: the start takes the fraction ``head`` of the room, the end the rest.  ``text`` as
+    for :func:`clip`; at most ``width`` columns in all."""
+    units = _units(text)
+    widths = [display_width(u) for u in units]
+    if sum(widths) <= width:
+        return "".join(units)
     room = width - display_width(mark)
     if room < 0:
         return ""
-    clusters = graphemes(text)
-    start = clip(text, int(room * head), mark="")
-    rest = room - display_width(start)
-    tail: list[str] = []
-    for g in reversed(clusters[len(graphemes(start)):]):
-        rest -= _cluster_width(g)
-        if rest < 0:
-            break
-        tail.append(g)
-    return start + mark + "".join(reversed(tail))
+    n = _fit(widths, int(room * head))
+    m = _fit(widths[n:][::-1], room - sum(widths[:n]))
+    return "".join(units[:n]) + mark + "".join(units[len(units) - m:])
 
 
 def terminal_safe(s: Any, limit: int | None = None) -> str:
