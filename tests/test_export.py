@@ -147,6 +147,38 @@ def test_text_views_and_inspect_have_no_replacement_char(tmp_path, monkeypatch):
     assert "generated[0]: 北京是中国的首都。👨\u200d👩\u200d👧 e\u0301\\x0a好" in text  # newline escaped
 
 
+def fed_as_generated(trace):
+    """``trace`` with each step's ``input_ids`` what generate feeds: the prompt at step 0, then
+    the token chosen at the step before (:func:`multibyte_trace` keeps the synthetic ones)."""
+    gen = [int(s.chosen[0]) for s in trace.steps]
+    for n, s in enumerate(trace.steps):
+        ids = trace.prompt_ids if n == 0 else np.array([[gen[n - 1]]], np.int64)
+        trace.steps[n] = replace(s, inputs=replace(s.inputs, input_ids=ids))
+    return trace
+
+
+def steps_columns(table: str) -> list[tuple[str, str]]:
+    """(input tokens, chosen) of each row of the report's steps table, as the page's text."""
+    import html
+
+    cells = re.findall(r"<tr><td class='num'>\d+</td><td><span class='tok'>(.*?)</span></td>"
+                       r"<td><span class='tok'>(.*?)</span></td>", table)
+    return [(html.unescape(a), html.unescape(b)) for a, b in cells]
+
+
+def test_steps_table_input_tokens_show_characters_as_the_chosen_column():
+    trace = fed_as_generated(multibyte_trace("北京<&>", chunk=(2, 1)))  # e5 8c | 97 | e4 ba | ac | <& | >
+    cols = steps_columns(report.steps_table_html(trace, 0, 100))
+    assert [c for _, c in cols] == ["\\xe5\\x8c→北", "北", "\\xe4\\xba→京", "京", "<&", ">", "<|eot|>"]
+    assert [i for i, _ in cols] == ["Q Q Q Q Q", "\\xe5\\x8c→北", "北", "\\xe4\\xba→京", "京", "<&", ">"]
+    assert all(inp == chosen for (inp, _), (_, chosen) in zip(cols[1:], cols))  # the token chosen, then fed
+    assert "<&" not in report.steps_table_html(trace, 0, 100)  # still escaped
+    from tracer.viz.steps import _inputs_html, step_text  # the step explorer's inputs pane alike
+
+    assert "tokens         ['北']" in step_text(trace, 2) and "<code>北</code>" in _inputs_html(trace, 2, 0)
+    assert "<code>&lt;&amp;</code>" in _inputs_html(trace, 5, 0)
+
+
 def test_display_text_escapes_a_cut_character():
     trace = multibyte_trace("ab北", chunk=(1,))  # a, b, e5, 8c, 97
     short = replace(trace.steps[4], chosen=np.array([1], np.int64))  # eos instead of the last byte
@@ -481,6 +513,8 @@ def test_chinese_prompt_on_the_embedded_model(embedded, tmp_path, monkeypatch):
     assert "\ufffd" not in viz.token_strip_html(trace)
     steps = report.steps_table_html(trace, 0, 100)
     assert "\ufffd" not in steps and "北" in steps
+    cols = steps_columns(steps)  # each token fed as it was shown when chosen, split characters whole
+    assert [i for i, _ in cols[1:]] == [c for _, c in cols[:-1]] and any("→" in c for _, c in cols)
     folder = save_trace(trace, tmp_path / "zh.trace")
     monkeypatch.setattr(export, "load_trace", lambda path: trace)  # the saved file may not keep bytes yet
     shown = inspect_trace(folder)

@@ -17,12 +17,13 @@ import numpy as np
 
 from ..records import TraceFormatError, blob_key
 from ..text import html_text as _e
-from ..text import piece_of, token_pieces
+from ..text import piece_of
 from .shared import (
     BlockReader,
     backend_of,
     figure_png,
     heat_rgb,
+    input_pieces,
     missing_note,
     png_bytes,
     prob_color,
@@ -147,15 +148,17 @@ def steps_table_html(trace: Trace, b: int, max_steps: int) -> str:
             "<th>top-5 final (masked left out)</th><th>processors: newly masked, KL, chosen rank before→after</th>"
             "<th>stop</th></tr>")
     rows = []
-    _, gen = run_pieces(trace, b)
+    prompt, gen = run_pieces(trace, b)
+    run = prompt + gen
     active = [s for s in trace.steps if bool(s.active[b])]
     for n, step in enumerate(active):
         if n >= max_steps:
             rows.append(f"<tr><td colspan='8' class='note'>… {len(active) - n} more steps not shown</td></tr>")
             break
         ids = np.asarray(step.inputs.input_ids)
-        shown = token_pieces(trace, ids[b].ravel()[:64]) if ids.ndim == 2 and b < ids.shape[0] else []
-        inputs = " ".join(shown) + (" …" if ids.ndim == 2 and ids.shape[1] > 64 else "")
+        # the fed tokens as in the run, the way the chosen column shows them (a character whole)
+        fed = input_pieces(trace, ids[b].ravel(), run, len(prompt) + n) if ids.ndim == 2 and b < ids.shape[0] else []
+        inputs = " ".join(p.display for p in fed[:64]) + (" …" if len(fed) > 64 else "")
         chosen = gen[n].display if n < len(gen) else piece_of(trace, int(step.chosen[b])).display
         procs = "<br>".join(
             f"{_e(e.name)}: +{_int(e.newly_masked, b)}, KL {float(np.asarray(e.kl).ravel()[b]):.3g}, "

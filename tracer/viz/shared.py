@@ -34,6 +34,7 @@ __all__ = [
     "token_span",
     "top_candidates",
     "run_pieces",
+    "input_pieces",
     "backend_of",
     "missing_note",
 ]
@@ -260,6 +261,20 @@ def run_pieces(trace: Trace, seq: int) -> tuple[list[Piece], list[Piece]]:
     gen = [int(i) for i in trace.generated_ids(seq)]
     got = pieces(trace, prompt + gen)
     return got[: len(prompt)], got[len(prompt):]
+
+
+def input_pieces(trace: Trace, ids: Sequence[int], run: Sequence[Piece], end: int) -> list[Piece]:
+    """Pieces of ``ids``, the tokens fed to the model at one step, shown as in ``run`` (the
+    sequence's prompt and generated pieces, :func:`run_pieces`): the fed tokens are the run's
+    tokens just before position ``end`` (the prompt length plus the tokens generated before the
+    step), so a token that completes a character split over earlier tokens shows it whole, as
+    the chosen token did.  Fed tokens that are not the run's (left padding) are decoded alone."""
+    ids, end = [int(i) for i in ids], min(end, len(run))
+    k = 0
+    while k < min(len(ids), end) and ids[-1 - k] == run[end - 1 - k].token_id:
+        k += 1
+    head = pieces(trace, ids[: len(ids) - k]) if k < len(ids) else []
+    return head + list(run[end - k: end])
 
 
 # --------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..records import StepRecord, Trace
 
-from ..text import Piece, running_text, safe_lines, token_pieces
-from .shared import run_pieces, token_span, top_candidates
+from ..text import Piece, running_text, safe_lines
+from .shared import input_pieces, run_pieces, token_span, top_candidates
 from ._common import (
     CHOSEN,
     CLASSES,
@@ -37,6 +37,14 @@ def _text_so_far(trace: Trace, step: int, seq: int) -> tuple[list[Piece], list[P
     prompt, gen = run_pieces(trace, seq)
     n = sum(1 for s in range(step + 1) if trace.steps[s].active[seq])
     return prompt, gen[:n]
+
+
+def _fed(trace: Trace, step: int, seq: int) -> list[Piece]:
+    """Pieces of the tokens fed at ``step``, shown as in the run (:func:`.shared.input_pieces`):
+    a token completing a character shows it whole, as it did when it was chosen."""
+    prompt, gen = _text_so_far(trace, step, seq)
+    end = len(prompt) + len(gen) - (1 if trace.steps[step].active[seq] else 0)  # this step's own choice is not fed
+    return input_pieces(trace, trace.steps[step].inputs.input_ids[seq], prompt + gen, end)
 
 
 def _slots(inp: Any) -> list[int] | None:
@@ -83,7 +91,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     ids = [int(i) for i in inp.input_ids[seq]]
     lines.append("inputs:")
     lines.append(f"  input_ids      {ids}")
-    lines.append(f"  tokens         {_quoted(token_pieces(trace, ids))}")
+    lines.append(f"  tokens         {_quoted([p.display for p in _fed(trace, step, seq)])}")
     pos = None if inp.position_ids is None else inp.position_ids[seq].tolist()
     lines.append(f"  position_ids   {pos}  (as fed to forward)")
     lines.append(f"  cache slots    {_slots(inp)}  (computed from the cache length)")
@@ -137,7 +145,7 @@ def _inputs_html(trace: Trace, step: int, seq: int) -> str:
     rec = trace.steps[step]
     inp = rec.inputs
     ids = [int(i) for i in inp.input_ids[seq]]
-    toks = " ".join(f"<code>{esc(d)}</code>" for d in token_pieces(trace, ids))
+    toks = " ".join(f"<code>{esc(p.display)}</code>" for p in _fed(trace, step, seq))
     pos = "None" if inp.position_ids is None else str(inp.position_ids[seq].tolist())
     rows = [
         ("input_ids", esc(str(ids))),
