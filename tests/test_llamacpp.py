@@ -271,3 +271,41 @@ def test_seed_recorded_as_it_ran(llm, ids):
     [again] = llamacpp_generate(llm, prompt, seed=drawn, **kw)
     assert again.generated_ids().tolist() == r.generated_ids().tolist()
     assert s.generated_ids().tolist() != r.generated_ids().tolist()  # the seed matters at this temperature
+
+
+def test_terminators_are_what_stops_llama_cpp(llm, ids, tok, monkeypatch):
+    import tracer.backends.llamacpp as lcb
+
+    llm.reset()
+    [tr] = llamacpp_generate(llm, ids[HI], temperature=0.0, max_tokens=2)
+    terms = tr.meta.terminators
+    # llama.cpp's end-of-generation tokens of the embedded GGUF (the model's eos 2 and two more)
+    assert terms == {0: "<|endoftext|>", 2: "<|im_end|>", 4: "<reponame>"}
+    assert tr.meta.generation_config["eos_token_id"] == [0, 2, 4]
+    assert tok.eos_token_id == 2 and any("the GGUF's eos token is 2 '<|im_end|>'" in n for n in tr.meta.notes)
+
+    def forced(token):
+        def proc(_, scores):
+            out = np.full_like(scores, -np.inf)
+            out[token] = 0.0
+            return out
+        return llama_cpp.LogitsProcessorList([proc])
+
+    # each listed id ends create_completion at once; the special tokens around them do not
+    for token in range(8):
+        llm.reset()
+        out = llm.create_completion(ids[HI], temperature=0.0, max_tokens=2, logits_processor=forced(token))
+        stops = out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == 0
+        assert stops == (token in terms), token
+
+    # and the traced loop stops on <reponame> (4) with that reason
+    class Forced(lcb.Sampler):
+        def sample(self, logits):
+            _, snaps = super().sample(logits)
+            return 4, snaps
+
+    monkeypatch.setattr(lcb, "Sampler", Forced)
+    llm.reset()
+    [t4] = llamacpp_generate(llm, ids[HI], temperature=0.0, max_tokens=5)
+    assert t4.num_steps == 1 and t4.stop_reasons[0].kind == "eos" and t4.stop_reasons[0].token_id == 4
+    assert t4.generated_text[0] == ""

@@ -136,3 +136,43 @@ def test_compare_cli_between_the_engines(tmp_path, embedded, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "[transformers, stage 0 (logits)]" in out and "[llama.cpp, stage 0 (logits)]" in out
     assert "sequence 0: first divergence at step 0" in out  # the near-tie: "The" vs "L"
+
+
+@pytest.mark.slow
+def test_model_name_terminators_and_seed_against_generate(tmp_path, embedded, monkeypatch, capsys):
+    """The same flags on both engines: the same model name, the model's terminators among llama.cpp's
+    (which says where it stops on more), and the seed the flags give in generation_config.json,
+    the trace and its report, never llama.cpp's LLAMA_DEFAULT_SEED."""
+    pytest.importorskip("llama_cpp")
+    import re
+
+    import tracer.models
+
+    monkeypatch.setattr(tracer.models, "load_model", lambda *a, **k: embedded)
+    data = tmp_path / "prompts.txt"
+    data.write_text("Hi!\n", encoding="utf-8")
+    traces = {}
+    for engine in ("transformers", "llama.cpp"):
+        out = tmp_path / engine
+        assert main(["run", "--engine", engine, "--with-prompt", "--max-new-tokens", "3", "--seed", "7",
+                     "--data-file", str(data), "--trace-dir", str(out),
+                     "--predictions-file", str(out / "predictions.json")]) == 0, capsys.readouterr().err
+        traces[engine] = tracer.load_trace(out / "prompt_000.trace")
+    hf, lc = traces["transformers"], traces["llama.cpp"]
+    assert hf.prompt_ids[0].tolist() == lc.prompt_ids[0].tolist()
+    assert lc.meta.model_name == hf.meta.model_name == tracer.models.EMBEDDED_MODEL_NAME
+    assert lc.meta.backend_info["gguf_name"] == "Smollm2 135M 8k Lc100K Mix1 Ep2"  # the GGUF's own name, kept
+    assert hf.meta.terminators == {2: "<|im_end|>"}
+    assert {k: v for k, v in lc.meta.terminators.items() if k in hf.meta.terminators} == hf.meta.terminators
+    assert lc.meta.terminators == {0: "<|endoftext|>", 2: "<|im_end|>", 4: "<reponame>"}
+    assert any(n.startswith("terminators: llama.cpp ends the run on every end-of-generation token") and
+               "0 '<|endoftext|>', 2 '<|im_end|>', 4 '<reponame>'" in n for n in lc.meta.notes)
+    html = (tmp_path / "llama.cpp" / "prompt_000.html").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", html))
+    assert rows["model"] == f"{tracer.models.EMBEDDED_MODEL_NAME} (llama)"
+    config = json.loads((tmp_path / "llama.cpp" / "generation_config.json").read_text(encoding="utf-8"))
+    assert config["seed"] == 7 == lc.meta.generation_config["seed"] == lc.meta.backend_info["sampling"]["seed"]
+    assert rows["seed"] == "7" and "4294967295" not in html and lc.meta.backend_info["llama_seed"] is None
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "llama.cpp" / "prompt_000.trace")]) == 0
+    assert f"model: {tracer.models.EMBEDDED_MODEL_NAME}  (llama, Q4_1 on cpu" in capsys.readouterr().out

@@ -116,3 +116,25 @@ def test_unsupported_record_refused(flag):
 
     with pytest.raises(NotSupportedError, match="llama.cpp backend cannot record"):
         check_record(RecordConfig(**{flag: True}))
+
+
+def test_notes_names_and_terminators_beyond_the_eos():
+    raw = np.linspace(-1, 1, V).astype(np.float32)
+    cap = _capture(raw, [Snapshot("greedy", {}, np.zeros(0, np.int32), np.zeros(0, np.float32))], 11,
+                   selector="greedy")
+    facts = LlamaCppFacts(**{**FACTS.__dict__, "model_name": "SmolLM2-135M-Instruct", "gguf_name": "Smollm2 135M",
+                             "eog_ids": (0, 11), "eos_id": 11})
+    trace = trace_from_steps([cap], facts=facts, prompt_ids=[1, 2], prompt_text=None, settings={"seed": None},
+                             stop=StopReason("eos", 11, "<11>"), output_text="", token_piece=lambda i: f"<{i}>".encode(),
+                             notes=["greedy: the seed does not apply"])
+    m = trace.meta
+    assert m.model_name == "SmolLM2-135M-Instruct" and m.backend_info["gguf_name"] == "Smollm2 135M"
+    assert m.terminators == {0: "<0>", 11: "<11>"} and m.generation_config["eos_token_id"] == [0, 11]
+    assert "greedy: the seed does not apply" in m.notes
+    assert ("terminators: llama.cpp ends the run on every end-of-generation token of the GGUF vocabulary "
+            "(llama_vocab_is_eog): 0 '<0>', 11 '<11>'; the GGUF's eos token is 11 '<11>'") in m.notes
+    # only the eos: nothing to say
+    alone = trace_from_steps([cap], facts=LlamaCppFacts(**{**facts.__dict__, "eog_ids": (11,)}), prompt_ids=[1, 2],
+                             prompt_text=None, settings={}, stop=StopReason("eos", 11, "<11>"), output_text="",
+                             token_piece=lambda i: f"<{i}>".encode())
+    assert not any(n.startswith("terminators:") for n in alone.meta.notes)

@@ -31,6 +31,7 @@ __all__ = [
     "ModelLoadError",
     "cache_dir",
     "embedded_model_path",
+    "gguf_model_name",
     "load_model",
     "load_tokenizer",
     "resolve_device",
@@ -120,6 +121,20 @@ def _gguf_cache_name(gguf: Path) -> str:
     st = gguf.stat()
     key = f"{gguf.name}:{st.st_size}:{st.st_mtime_ns}"
     return f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def gguf_model_name(gguf: str | os.PathLike) -> str:
+    """The model name a trace of ``gguf`` records, the same on every engine: the name of the
+    folder :func:`load_model` converts it into, which the ``generate`` path records
+    (``SmolLM2-135M-Instruct`` for the embedded file, ``<stem>-<hash>`` for any other).
+    Raises ``OSError`` when the file cannot be read."""
+    p = Path(gguf)
+    try:
+        if p.resolve() == _embedded_gguf().resolve():
+            return EMBEDDED_MODEL_NAME
+    except ModelLoadError:  # the embedded wheel is not installed: not the embedded file
+        pass
+    return _gguf_cache_name(p)
 
 
 def embedded_model_path() -> Path:

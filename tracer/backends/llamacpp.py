@@ -116,6 +116,13 @@ def engine_facts(llm: Any) -> LlamaCppFacts:
             return 0
 
     path = str(getattr(llm, "model_path", ""))
+    gguf_name = md.get("general.name", "")
+    try:  # the name the generate path records for the same GGUF (not the GGUF's own general.name)
+        from ..models import gguf_model_name
+
+        name = gguf_model_name(path) if path else ""
+    except OSError:
+        name = ""
     versions = {}
     try:
         import numpy
@@ -126,7 +133,8 @@ def engine_facts(llm: Any) -> LlamaCppFacts:
     return LlamaCppFacts(
         version=str(getattr(lc, "__version__", "")),
         model_path=path,
-        model_name=md.get("general.name", "") or path.replace("\\", "/").rsplit("/", 1)[-1],
+        model_name=name or gguf_name or path.replace("\\", "/").rsplit("/", 1)[-1],
+        gguf_name=gguf_name,
         architecture=arch,
         n_vocab=int(llm.n_vocab()),
         n_ctx=int(llm.n_ctx()),
@@ -138,6 +146,7 @@ def engine_facts(llm: Any) -> LlamaCppFacts:
         hidden_size=num("embedding_length"),
         file_type=_file_type(md.get("general.file_type", "")),
         eog_ids=_eog_ids(llm, lc),
+        eos_id=int(llm.token_eos()),
         metadata={k: v for k, v in md.items() if not k.startswith("tokenizer.")},
         versions=versions,
     )

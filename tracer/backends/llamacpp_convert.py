@@ -79,7 +79,8 @@ class LlamaCppFacts:
 
     version: str = ""
     model_path: str = ""
-    model_name: str = ""
+    model_name: str = ""  # the name the generate path records for the same GGUF (tracer.models.gguf_model_name)
+    gguf_name: str = ""  # the GGUF's own general.name
     architecture: str = ""
     n_vocab: int = 0
     n_ctx: int = 0
@@ -91,7 +92,8 @@ class LlamaCppFacts:
     hidden_size: int = 0
     file_type: str = ""
     kv_dtype: str = "float16"
-    eog_ids: tuple[int, ...] = ()
+    eog_ids: tuple[int, ...] = ()  # every id llama_vocab_is_eog holds: what ends a run
+    eos_id: int = -1  # the GGUF's eos token (tokenizer.ggml.eos_token_id)
     metadata: Mapping[str, str] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
 
@@ -285,6 +287,12 @@ def trace_from_steps(
     meta = _meta(facts, settings, record, info or {}, captures, reused, n_prompt, wall_time_s, status, error)
     meta.notes[1:1] = [str(n) for n in notes]
     meta.terminators = {int(i): text[int(i)] for i in facts.eog_ids}
+    others = [int(i) for i in facts.eog_ids if int(i) != int(facts.eos_id)]
+    if others:  # say it where generate would stop on the eos token only
+        meta.notes.insert(1, "terminators: llama.cpp ends the run on every end-of-generation token of the GGUF "
+                          "vocabulary (llama_vocab_is_eog): " + ", ".join(f"{i} {text[int(i)]!r}" for i in facts.eog_ids)
+                          + (f"; the GGUF's eos token is {facts.eos_id} {text.get(int(facts.eos_id), '')!r}"
+                             if facts.eos_id >= 0 else ""))
     return Trace.from_steps(
         meta, steps,
         prompt_ids=np.asarray([prompt], np.int64).reshape(1, -1),
@@ -327,6 +335,7 @@ def _meta(facts, settings, record, info, captures, reused, n_prompt, wall_time_s
         "engine": "llama.cpp",
         "version": facts.version,
         "model_path": facts.model_path,
+        "gguf_name": facts.gguf_name,
         "file_type": facts.file_type,
         "n_ctx": facts.n_ctx,
         "n_batch": facts.n_batch,
