@@ -368,6 +368,48 @@ def test_cli_compare_errors(tmp_path):
         cmd_compare(_cli_args(tmp_path, a, a, stage="bogus"))
 
 
+def test_cli_compare_run_folder_says_what_to_pass(tmp_path, capsys):
+    """A ``tracer run --trace-dir`` folder is not a trace: one line naming what compare takes and
+    the traces inside it (was: "not a trace folder: manifest.json is missing")."""
+    from tracer.cli import main
+
+    for run in ("a", "b"):
+        for i in range(2):
+            make_trace(batch=1, steps=4, seed=i, attention=False).save(tmp_path / run / f"prompt_{i:03d}.trace")
+            (tmp_path / run / f"prompt_{i:03d}.html").write_text("<p>view</p>", encoding="utf-8")
+    wanted = ("compare takes two traces (NAME.trace folders holding manifest.json, as tracer run --trace-dir "
+              "writes them) or two corpus datasets (folders holding corpus.json, from tracer run --dataset)")
+
+    def error(*argv):
+        assert main(["compare", *map(str, argv)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.endswith("\n") and err.count("\n") == 1, err
+        return err.removesuffix("\n")
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert error(a, b) == (
+        f"tracer: error: {a} is a folder of 2 trace(s) (prompt_000.trace, prompt_001.trace), not one trace: "
+        f"{wanted}; pass one trace from it, e.g. tracer compare {a}/prompt_000.trace {b}/prompt_000.trace")
+    # the other side a trace: the example pairs the same prompt, in the order given
+    assert error(b / "prompt_001.trace", a).endswith(
+        f"e.g. tracer compare {b}/prompt_001.trace {a}/prompt_001.trace")
+    # the folder of a run's predictions file, holding its --trace-dir
+    out = tmp_path / "out"
+    (out / "t").mkdir(parents=True)
+    (a / "prompt_000.trace").rename(out / "t" / "prompt_000.trace")
+    (out / "predictions.json").write_text("[]", encoding="utf-8")
+    assert error(out, b / "prompt_000.trace") == (
+        f"tracer: error: {out} is a folder of 1 trace(s) (t/prompt_000.trace), not one trace: {wanted}; "
+        f"pass one trace from it, e.g. tracer compare {out}/t/prompt_000.trace {b}/prompt_000.trace")
+    (tmp_path / "empty").mkdir()
+    assert error(b / "prompt_000.trace", tmp_path / "empty") == (
+        f"tracer: error: {tmp_path / 'empty'} is a folder that is neither a trace (no manifest.json) "
+        f"nor a corpus dataset (no corpus.json): {wanted}")
+    # the traces inside compare as before
+    assert main(["compare", str(b / "prompt_000.trace"), str(out / "t" / "prompt_000.trace")]) == 0
+    assert "no divergence" in capsys.readouterr().out
+
+
 def test_compare_reads_a_logprob_stage_like_vllm():
     """A vLLM trace holds one stage of log-probs (log-sum-exp 0): compare reads stage 0 whatever
     it holds, so the same distribution recorded either way compares equal."""

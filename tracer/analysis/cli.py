@@ -51,6 +51,43 @@ def side_names(a: str | Path, b: str | Path) -> tuple[str, str]:
     return str(a), str(b)
 
 
+WANTED = ("compare takes two traces (NAME.trace folders holding manifest.json, as tracer run --trace-dir "
+          "writes them) or two corpus datasets (folders holding corpus.json, from tracer run --dataset)")
+
+
+def traces_in(folder: Path) -> list[Path]:
+    """The traces in ``folder`` or one level below (a ``--trace-dir`` folder, or the folder of a
+    run's predictions file holding its ``--trace-dir``), sorted."""
+    for pattern in ("*.trace", "*/*.trace"):
+        found = sorted(p for p in folder.glob(pattern) if (p / "manifest.json").is_file())
+        if found:
+            return found
+    return []
+
+
+def _check_not_a_folder_of_traces(path: Path, other: Path, first: bool) -> None:
+    """Refuse a folder that is not a trace itself (no ``manifest.json``), saying what compare
+    takes and, for the output folder of ``tracer run``, which traces inside it to pass (``first``:
+    ``path`` is compare's first argument, for the example's order)."""
+    from ..cli.common import CliError, shown
+
+    if not path.is_dir() or (path / "manifest.json").is_file():
+        return
+    found = traces_in(path)
+    if not found:
+        raise CliError(f"{shown(path)} is a folder that is neither a trace (no manifest.json) nor a corpus "
+                       f"dataset (no corpus.json): {WANTED}")
+    names = ", ".join(str(p.relative_to(path)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    mine = next((t for t in found if t.name == other.name), found[0])  # the same prompt as a trace given
+    theirs = other / mine.relative_to(path) if other.is_dir() and not (other / "manifest.json").is_file() else other
+    example = ""
+    if theirs.resolve() != mine.resolve():
+        pair = (mine, theirs) if first else (theirs, mine)
+        example = f", e.g. tracer compare {shown(pair[0])} {shown(pair[1])}"
+    raise CliError(f"{shown(path)} is a folder of {len(found)} trace(s) ({names}), not one trace: {WANTED}; "
+                   f"pass one trace from it{example}")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..corpus.dataset import is_dataset
 
@@ -61,9 +98,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from ..storage import load_trace
     from .comparison import compare
 
-    for path in (args.a, args.b):
+    for path, other, first in ((args.a, args.b, True), (args.b, args.a, False)):
         if not Path(path).exists():
             raise FileNotFoundError(f"no such trace: {path}")
+        _check_not_a_folder_of_traces(Path(path), Path(other), first)
     a, b = load_trace(args.a), load_trace(args.b)
     diff = compare(a, b, stage=_stage(str(args.stage)), names=side_names(args.a, args.b))
     print(diff.text(context=max(int(args.context), 0)))
