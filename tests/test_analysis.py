@@ -500,3 +500,12 @@ def test_compare_text_shows_no_kl_after_the_divergence():
     lines = compare(t, _with_token(t, 0, 1, 7)).text(context=5).splitlines()
     rows = {int(ln[2:6]): ln for ln in lines if ln[2:6].strip().isdigit()}
     assert rows[0].rstrip()[-1] != "—" and all(rows[s].rstrip().endswith("—") for s in rows if s > 1)
+
+
+def test_compare_text_shows_no_dlogprob_where_the_tokens_differ():
+    """|Δ log-prob| is of a shared token: a row whose two tokens differ shows "—", never "nan"."""
+    t = make_trace(batch=1, steps=5, attention=False)
+    text = compare(t, _with_token(t, 0, 1, 7)).text(context=5)
+    rows = {int(ln[2:6]): ln for ln in text.splitlines() if ln[2:6].strip().isdigit()}
+    assert "nan" not in text
+    assert rows[1].split()[-2] == "—" and rows[0].split()[-2] == "0"

@@ -153,22 +153,25 @@ class RowPool:
         self.groups.append((group, first, host))
 
     def records(self) -> None:
-        """Each computed group's statistics, as host arrays, into its steps (after a sync)."""
+        """Each computed group's statistics, as host arrays, into its steps (after a sync).
+
+        The records hold views of the group's arrays (no copy); a stage that shares its
+        predecessor's row gets copies, so no two records' arrays share memory."""
         groups, self.groups = self.groups, []
         for group, first, host in groups:
             a = {k: v.numpy() for k, v in host.items()}
-            zero = np.zeros_like(a["kl"][0])
-            for arr in (*a.values(), zero):  # the records hold views of these, shared (frozen records)
-                arr.setflags(write=False)
             for w in group:
                 base = w.first_row - first
-                stages, prev = [], -1
+                stages, ranks_, logps, prev = [], [], [], -1
                 for (name, params), r in zip(w.stages, w.row_of):
                     at = base + r  # a stage that changed nothing shares its predecessor's row, KL 0
-                    stages.append(StageRows(name, params, a["ids"][at], a["values"][at], a["lse"][at], a["masked"][at],
-                                            zero if r == prev or r == 0 else a["kl"][at], a["entropy"][at]))
+                    got = {k: (v[at] if r != prev else v[at].copy()) for k, v in a.items()}
+                    kl = np.zeros_like(got["kl"]) if r == prev or r == 0 else got["kl"]
+                    stages.append(StageRows(name, params, got["ids"], got["values"], got["lse"], got["masked"], kl,
+                                            got["entropy"]))
+                    ranks_.append(got["ranks"])
+                    logps.append(got["logp"])
                     prev = r
-                ranks_, logps = [a["ranks"][base + r] for r in w.row_of], [a["logp"][base + r] for r in w.row_of]
                 w.done.ranks, w.done.logps, w.done.stages = ranks_, logps, stages  # stages last: "computed"
 
 

@@ -283,9 +283,11 @@ class Comparison:
                 mark = ">>" if r["step"] == div else "  "
                 # after the first divergence the two sides saw different tokens: no KL to show
                 kl = f"{r['kl']:>6.3g}" if r["comparable"] else f"{'—':>6}"
+                # |Δ log-prob| is of a shared token: none where the two tokens differ
+                dlp = f"{r['abs_dlogprob']:>6.3g}" if r["same"] else f"{'—':>6}"
                 lines.append(f"{mark}{r['step']:>4}  {'yes' if r['same'] else 'no':<4}  "
                              f"{_pad(_cell(r['text_a'], r['logprob_a']), 26)}  {_pad(_cell(r['text_b'], r['logprob_b']), 26)}  "
-                             f"{r['abs_dlogprob']:>6.3g}  {kl}")
+                             f"{dlp}  {kl}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
