@@ -42,6 +42,17 @@ def test_refused_flags_one_line(no_load, capsys, flags, says):
     assert len(err) == 1 and err[0].startswith("tracer: error: --engine llama.cpp cannot honour " + says)
 
 
+def test_llama_default_seed_refused_when_sampling(no_load, capsys):
+    """4294967295 is llama.cpp's "no seed": sampling would use a random seed, not the one given."""
+    assert main(["run", "--engine", "llama.cpp", "--do-sample", "--seed", "4294967295"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tracer: error: --engine llama.cpp cannot honour --seed 4294967295: "
+                                               "it is llama.cpp's LLAMA_DEFAULT_SEED")
+    # greedy draws nothing, so that seed is harmless there: the run goes on to load the model
+    main(["run", "--engine", "llama.cpp", "--seed", "4294967295", "--max-new-tokens", "2"])
+    assert "loaded a model before refusing" in capsys.readouterr().err
+
+
 def test_missing_extra_one_line_before_loading(no_load, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))

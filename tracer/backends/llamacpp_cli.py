@@ -27,6 +27,8 @@ from .llamacpp import INSTALL_HINT
 #: generation_config.json sets none of them).
 HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 N_CTX = 4096
+#: llama.cpp's "no seed" value (``LLAMA_DEFAULT_SEED``): its dist sampler then draws one at random.
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
 
 def check_args(args: Any) -> Path:
@@ -46,6 +48,10 @@ def check_args(args: Any) -> Path:
     bad = [name for cond, name in refuse if cond]
     if bad:
         raise CliError(f"--engine llama.cpp cannot honour {bad[0]}; leave it out")
+    if args.do_sample and int(args.seed) == LLAMA_DEFAULT_SEED:
+        raise CliError(f"--engine llama.cpp cannot honour --seed {LLAMA_DEFAULT_SEED}: it is llama.cpp's "
+                       "LLAMA_DEFAULT_SEED, for which llama.cpp samples with a random seed of its own; "
+                       "give another seed")
     gguf = Path(args.gguf) if args.gguf is not None else None
     if gguf is not None and (not gguf.is_file() or gguf.suffix.lower() != ".gguf"):
         raise CliError(f"--gguf {shown(gguf)}: not a .gguf file")
