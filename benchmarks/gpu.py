@@ -18,6 +18,7 @@ Writes ``<out>/gpu.json`` (machine and GPU name, every time, ms added per step, 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu.py: --device cuda but torch sees no CUDA device (run with --device cpu --quick)")
+    if device.type == "cuda":
+        # plain generate itself is not bit-reproducible from run to run on a GPU by default (an
+        # 8B-shaped bf16 run on an H200: plain against plain differed from step 235 of 256; with
+        # deterministic algorithms every plain and light run was identical); every configuration
+        # is checked against plain, so all of them run with deterministic algorithms
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns, not fails
     tiny = device.type == "cpu"
     shapes = TINY_SHAPES if tiny else SHAPES
     tokens = args.tokens or (8 if tiny else 64 if args.quick else 256)
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sections": results,
         "skipped": skipped,
         "flash_attention_2": why_no_flash or "run",
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "nnsight": ov.nnsight_available() or "installed",
         "wall_s": time.perf_counter() - t_start,
     }
