@@ -39,10 +39,10 @@ def _text_so_far(trace: Trace, step: int, seq: int) -> tuple[list[Piece], list[P
     return prompt, gen[:n]
 
 
-def _fed(trace: Trace, step: int, seq: int) -> list[Piece]:
-    """Pieces of the tokens fed at ``step``, shown as in the run (:func:`.shared.input_pieces`):
-    a token completing a character shows it whole, as it did when it was chosen."""
-    prompt, gen = _text_so_far(trace, step, seq)
+def _fed(trace: Trace, step: int, seq: int, prompt: list[Piece], gen: list[Piece]) -> list[Piece]:
+    """Pieces of the tokens fed at ``step``, shown as in the run (:func:`.shared.input_pieces`;
+    ``prompt, gen``: :func:`_text_so_far`'s): a token completing a character shows it whole, as
+    it did when it was chosen."""
     end = len(prompt) + len(gen) - (1 if trace.steps[step].active[seq] else 0)  # this step's own choice is not fed
     return input_pieces(trace, trace.steps[step].inputs.input_ids[seq], prompt + gen, end)
 
@@ -91,7 +91,7 @@ def step_text(trace: Trace, step: int, seq: int = 0) -> str:
     ids = [int(i) for i in inp.input_ids[seq]]
     lines.append("inputs:")
     lines.append(f"  input_ids      {ids}")
-    lines.append(f"  tokens         {_quoted([p.display for p in _fed(trace, step, seq)])}")
+    lines.append(f"  tokens         {_quoted([p.display for p in _fed(trace, step, seq, prompt, gen)])}")
     pos = None if inp.position_ids is None else inp.position_ids[seq].tolist()
     lines.append(f"  position_ids   {pos}  (as fed to forward)")
     lines.append(f"  cache slots    {_slots(inp)}  (computed from the cache length)")
@@ -145,7 +145,7 @@ def _inputs_html(trace: Trace, step: int, seq: int) -> str:
     rec = trace.steps[step]
     inp = rec.inputs
     ids = [int(i) for i in inp.input_ids[seq]]
-    toks = " ".join(f"<code>{esc(p.display)}</code>" for p in _fed(trace, step, seq))
+    toks = " ".join(f"<code>{esc(p.display)}</code>" for p in _fed(trace, step, seq, *_text_so_far(trace, step, seq)))
     pos = "None" if inp.position_ids is None else str(inp.position_ids[seq].tolist())
     rows = [
         ("input_ids", esc(str(ids))),
