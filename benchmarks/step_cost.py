@@ -132,8 +132,12 @@ def llama_subject(layers: int, device: torch.device, *, hidden: int = 64, heads:
 
 
 def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, new_tokens: int, repeats: int,
-            warmup: int = 1, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Time every (subject, configuration), interleaved across both, ``repeats`` rounds."""
+            warmup: int = 1, strict: bool | None = None,
+            log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Time every (subject, configuration), interleaved across both, ``repeats`` rounds.
+
+    ``strict`` (default: on unless a subject is on a GPU): a configuration that must not change
+    the result and whose ids differ from plain's raises; else the mismatch is recorded."""
     names = list(configs)
     times = {(s, c): [] for s in subjects for c in names}
     cpu = {(s, c): [] for s in subjects for c in names}  # this process's CPU time (load-proof on CPU)
@@ -146,7 +150,8 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
     groups: dict[str, list[torch.Tensor]] = {s: [] for s in subjects}
     runs: dict[tuple[str, str], list[int]] = {(s, c): [] for s in subjects for c in names}
     near_tie: dict[tuple[str, str], dict[str, Any]] = {}
-    strict = all(subj.device.type != "cuda" for subj in subjects.values())
+    if strict is None:
+        strict = all(subj.device.type != "cuda" for subj in subjects.values())
 
     def check(sname: str, c: str, t: Any) -> bool:
         ids = t.ids

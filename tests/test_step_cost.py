@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+import tracer
+
 from conftest import REPO_ROOT, make_inputs, make_tiny_llama
 
 
@@ -62,6 +64,36 @@ def test_gpu_script_on_cpu_quick(tmp_path, one_thread):
         assert section["configs"]["light"]["identical_to_plain"] is True
         assert section["configs"]["attention"]["identical_to_plain"] is True
     assert saved["flash_attention_2"] == "no CUDA" or not torch.cuda.is_available()
+
+
+def test_measure_groups_outputs_and_records_a_mismatch(one_thread):
+    """A configuration that changes one token: strict (CPU) raises; not strict (a GPU, where plain
+    itself can flip at a tie) records the run's output group, the step and the trace's top-2 gap."""
+    sc = _load("step_cost")
+    ov = sys.modules["overhead"]
+    subj = sc.llama_subject(1, torch.device("cpu"), vocab=512)
+    light = ov.traced(tracer.RecordConfig())
+    calls = []
+
+    def flipped(s, n):  # light, with the token of step 5 changed in every run but the first
+        ids, trace = light(s, n)
+        calls.append(1)
+        if len(calls) > 1:
+            ids = ids.clone()
+            ids[0, ids.shape[1] - n + 5] += 1
+        return ids, trace
+
+    configs = {"plain": ov.run_plain, "light": flipped}
+    with pytest.raises(AssertionError, match="light: output ids differ"):
+        sc.measure({"s": subj}, configs, new_tokens=8, repeats=1)
+    calls.clear()
+    out = sc.measure({"s": subj}, configs, new_tokens=8, repeats=2, strict=False)["s"]
+    rows = out["configs"]
+    assert rows["plain"]["output_groups"] == [0, 0, 0] and rows["light"]["output_groups"] == [0, 1, 1]
+    assert rows["light"]["identical_to_plain"] is False and rows["light"]["equals_a_plain_output"] is False
+    assert out["distinct_outputs"] == 2 and out["first_differing_step_of_each_output"] == [None, 5]
+    div = rows["light"]["divergence"]
+    assert div["step"] == 5 and div["top2_gap"] >= 0 and len(div["top2_ids"]) == 2
 
 
 @pytest.mark.gpu
