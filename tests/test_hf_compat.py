@@ -106,6 +106,47 @@ def test_recording_lists_call_each_processor_and_criterion():
     _need(done.tolist() == [True] and stops[0][1][0][1].tolist() == [True], "MaxLengthCriteria at max_length")
 
 
+def test_recording_criteria_list_adds_no_ops_and_normalises_results():
+    """The wrapped stopping list runs the same tensor ops as the installed one (on a GPU each is a
+    kernel launch per step) and gives the same ``is_done``; a criterion answering a plain bool is
+    reported as a ``(batch,)`` bool tensor, as the list itself would make it."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import EosTokenCriteria, MaxLengthCriteria, StoppingCriteria
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Never(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return False
+
+    ids, scores = torch.tensor([[3, 4, 5, 2], [3, 4, 5, 6]]), torch.randn(2, 256)
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length=9), EosTokenCriteria(eos_token_id=[2, 7])])
+    stops = []
+    crit = hf.make_criteria_list(type(criteria), lambda i, d, f: stops.append((d, f)))(criteria)
+    with Count() as untraced:
+        want = criteria(ids, scores)
+    with Count() as traced:
+        got = crit(ids, scores)
+    assert torch.equal(got, want) and got.tolist() == [True, False]
+    assert traced.ops == untraced.ops, (traced.ops, untraced.ops)
+    fired = stops[0][1]
+    assert [type(c).__name__ for c, _ in fired] == ["MaxLengthCriteria", "EosTokenCriteria"]
+    assert [r.tolist() for _, r in fired] == [[False, False], [True, False]]
+    crit = hf.make_criteria_list(type(criteria), lambda i, d, f: stops.append((d, f)))(StoppingCriteriaList([Never()]))
+    assert crit(ids, scores).tolist() == [False, False]
+    (_, never), = stops[-1][1]
+    assert isinstance(never, torch.Tensor) and never.dtype == torch.bool and never.tolist() == [False, False]
+
+
 def test_decoder_parts_is_the_one_support_rule():
     from tracer import models
 

@@ -291,18 +291,24 @@ def make_processor_list(base: type, on_scores: Callable[[Any, torch.Tensor], Non
 
 
 def make_criteria_list(base: type, on_stop: Callable[[torch.Tensor, torch.Tensor, list], None]) -> Callable[[Any], Any]:
-    """A factory wrapping a ``StoppingCriteriaList`` into one that runs each criterion through the
-    installed ``StoppingCriteriaList.__call__`` and reports ``on_stop(input_ids, is_done,
-    [(criterion, result), ...])``."""
+    """A factory wrapping a ``StoppingCriteriaList`` into one that runs the installed list's loop
+    (``is_done = full(False)``, then ``is_done | criterion(...)`` for each: the same ops, so the
+    same result and no more kernels than untraced) and reports ``on_stop(input_ids, is_done,
+    [(criterion, result), ...])``.  A result that is not already a ``(batch,)`` bool tensor is
+    normalised as the list itself would (``full(False) | result``); that check reads only shapes
+    and dtypes, never a device value."""
 
     class RecordingStoppingCriteriaList(base):  # type: ignore[misc, valid-type]
         def __call__(self, input_ids, scores, **kwargs):
             is_done = torch.full((input_ids.shape[0],), False, device=input_ids.device, dtype=torch.bool)
             fired = []
             for criteria in self:
-                result = base.__call__(base([criteria]), input_ids, scores, **kwargs)
-                fired.append((criteria, result))
+                result = criteria(input_ids, scores, **kwargs)
                 is_done = is_done | result
+                if not (isinstance(result, torch.Tensor) and result.dtype == torch.bool
+                        and result.shape == is_done.shape):
+                    result = torch.zeros_like(is_done) | result
+                fired.append((criteria, result))
             on_stop(input_ids, is_done, fired)
             return is_done
 
