@@ -269,3 +269,28 @@ def test_running_text_escapes_lone_surrogates_and_controls_but_keeps_newlines():
 
     t = _T({1: "\ud800", 2: "a\nb\x1b"}, {})  # no bytes: the recorded texts
     assert running_text(pieces(t, [1, 2])) == "\\ud800a\nb\\x1b"
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 8, 13, 21])
+def test_terminal_safe_limit_is_display_columns_and_never_cuts_a_cluster_or_escape(limit):
+    """The limit counts terminal columns (a Chinese character takes two), and the cut falls only
+    between whole characters, emoji clusters and escapes."""
+    text = "北京是中国的首都👨‍👩‍👧 a\x1b[31m👍🏽!"
+    out = terminal_safe(text, limit)
+    assert display_width(out) <= limit
+    body = out[:-1] if out.endswith("…") else out
+    assert terminal_safe(text).startswith(body)
+    whole = ["北", "京", "是", "中", "国", "的", "首", "都", "👨‍👩‍👧", " ", "a", "\\x1b", "[", "3", "1", "m", "👍🏽", "!"]
+    assert body in {"".join(whole[:n]) for n in range(len(whole) + 1)}
+    assert terminal_safe(text, 100) == terminal_safe(text)
+
+
+def test_cli_shown_cuts_the_middle_by_columns_without_breaking_clusters():
+    from tracer.cli.common import shown
+
+    text = "中" * 200 + "\n" + "👍🏽" * 100
+    out = shown(text, 40)
+    assert display_width(out) <= 40 and "…" in out
+    head, tail = out.split("…")
+    assert set(head) == {"中"} and tail == "👍🏽" * (len(tail) // 2)
+    assert shown("a\x1bb\nc") == "a\\x1bb\\nc"

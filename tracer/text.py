@@ -21,7 +21,7 @@ from __future__ import annotations
 import html
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "Piece",
@@ -192,11 +192,26 @@ def clip_middle(text: str | Sequence[str], width: int, *, head: float = 0.5, mar
 def terminal_safe(s: Any, limit: int | None = None) -> str:
     """``s`` for one line of terminal output: control characters (escape sequences, bells,
     newlines), lone surrogates, line separators and bidi overrides escaped; emoji, ZWJ
-    sequences and combining marks kept.  Truncated with "…" past ``limit`` characters."""
-    text = "".join(_escape_char(c) if _unsafe(c) else c for c in str(s))
-    if limit is not None and len(text) > limit:
-        text = text[: max(limit - 1, 0)] + "…"
-    return text
+    sequences and combining marks kept.  Past ``limit`` terminal columns, cut with "…" by
+    :func:`clip`: never inside a character, an emoji cluster or an escape."""
+    text = str(s)
+    if limit is None:
+        return "".join(_escape_char(c) if _unsafe(c) else c for c in text)
+    return clip(escaped_units(text, _unsafe), limit)
+
+
+def escaped_units(text: str, unsafe: Callable[[str], bool],
+                  escape: Callable[[str], str] = _escape_char) -> list[str]:
+    """``text`` as the units :func:`clip` cuts between: its :func:`graphemes`, except that a
+    cluster holding a character ``unsafe`` says to escape is split into its characters, each
+    unsafe one written as ``escape`` gives it (``\\x1b``), never cut."""
+    units: list[str] = []
+    for g in graphemes(text):
+        if any(unsafe(c) for c in g):
+            units.extend(escape(c) if unsafe(c) else c for c in g)
+        else:
+            units.append(g)
+    return units
 
 
 def safe_lines(s: Any) -> str:

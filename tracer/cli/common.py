@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..text import clip, display_width
+from ..text import clip, clip_middle, display_width, escaped_units
 
 #: The seed script's two sample prompts (the default of ``tracer run``).
 DEFAULT_PROMPTS = ("为什么要减少污染，保护环境？", "你有什么建议？")
@@ -83,20 +83,19 @@ _JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners: parts of emoji
 
 def shown(value: Any, limit: int = 300) -> str:
     """``value`` as one terminal-safe line: control and format characters escaped
-    (``\\x1b``, ``\\n``, lone surrogates), long text shortened in the middle."""
+    (``\\x1b``, ``\\n``, lone surrogates), long text shortened in the middle to ``limit``
+    terminal columns (never inside a character, an emoji cluster or an escape)."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    out = []
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if cat in ("Cc", "Cs", "Zl", "Zp") or (cat == "Cf" and ch not in _JOINERS):
-            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
-        else:
-            out.append(ch)
-    text = "".join(out)
-    if len(text) > limit:
-        half = (limit - 1) // 2
-        text = text[:half] + "…" + text[-half:]
-    return text
+    return clip_middle(escaped_units(text, _shown_unsafe, _shown_escape), limit)
+
+
+def _shown_unsafe(ch: str) -> bool:
+    cat = unicodedata.category(ch)
+    return cat in ("Cc", "Cs", "Zl", "Zp") or (cat == "Cf" and ch not in _JOINERS)
+
+
+def _shown_escape(ch: str) -> str:
+    return ch.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def format_summary(results: Sequence[Result], width: int = 32) -> str:
