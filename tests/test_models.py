@@ -232,6 +232,17 @@ def test_second_load_reuses_the_conversion(embedded, monkeypatch):
     assert len(model.model.layers) == 30
 
 
+def test_embedded_gguf_by_its_path_is_the_embedded_model(embedded, monkeypatch):
+    """``--model <the embedded .gguf>`` (or its folder) loads the embedded conversion and records
+    the embedded name, as the default does and as llama.cpp's ``--gguf`` with that file does; it
+    never converts again under a ``<stem>-<hash>`` name."""
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a, **k: pytest.fail("converted the GGUF file again"))
+    gguf = models._embedded_gguf()
+    assert models._resolve_model_folder(str(gguf)) == embedded_model_path()
+    assert models._resolve_model_folder(gguf.parent) == embedded_model_path() or len(list(gguf.parent.glob("*.gguf"))) > 1
+    assert models.gguf_model_name(gguf) == EMBEDDED_MODEL_NAME
+
+
 def test_smollm2_tokenizer_alias(embedded):
     tok = load_tokenizer("smollm2")
     assert tok.eos_token == "<|im_end|>"

@@ -152,8 +152,10 @@ def _is_converted(folder: Path) -> bool:
 
 
 def _converted_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Convert ``gguf`` once into ``cache_dir()/models/<name>``; return that folder."""
-    name = name or _gguf_cache_name(gguf)
+    """Convert ``gguf`` once into ``cache_dir()/models/<name>``; return that folder.  ``name``:
+    :func:`gguf_model_name`'s, so the embedded file given by its path is the embedded model (one
+    conversion, and the same recorded name as the default and as llama.cpp's ``--gguf``)."""
+    name = name or gguf_model_name(gguf)
     target = cache_dir() / "models" / name
     if _is_converted(target):
         return target
