@@ -280,3 +280,38 @@ def test_records_share_no_statistics_memory():
     step.stages[3].entropy[0] = 1.0
     step.stages[0].kl[0] = 2.0
     assert np.array_equal(step.stages[2].entropy, before) and trace.steps[2].stages[0].kl[0] == 0.0
+
+
+def test_kl_only_for_rows_with_a_predecessor_mixed_steps_on_two_threads(threads):
+    """Steps of one distinct row (a processor that changed nothing) and of two, in one group
+    (uneven steps: KL over every row after the first, not the strided slices of even steps):
+    each step's later row holds the one-row, one-thread bits; a step's first row has KL 0."""
+    rows = _steps(1, 5, seed=2)
+    unchanged = {0, 2, 3, 4}  # these steps' temperature stage returns the logits themselves
+    want = []
+    threads(1)
+    for i, logits in enumerate(rows):
+        if i in unchanged:
+            want.append(0.0)
+            continue
+        x = torch.stack([logits, logits / 0.7])
+        logp = x - torch.stack([torch.logsumexp(x[r], dim=-1) for r in range(2)]).unsqueeze(-1)
+        want.append((logp[1].exp() * (logp[1] - logp[0])).nansum(-1))
+    threads(2)
+    proc = _Temperature()
+    rec = StepRecorder(_plan(vocab_size=V, hidden_layers=(), lens_layers=()), RecordConfig(cache=False))
+    rec.configure(_gen_config(max_length=3 + len(rows)), [proc], input_len=3)
+    ids = torch.arange(3).repeat(1, 1)
+    for i, logits in enumerate(rows):
+        rec.forward_start((), {"input_ids": ids if i == 0 else ids[:, -1:]})
+        rec.forward_end(types.SimpleNamespace(cache=None), {})
+        rec.scores(None, logits)
+        rec.scores(proc, logits if i in unchanged else logits / 0.7)
+        ids = torch.cat([ids, logits.argmax(-1)[:, None]], dim=1)
+        rec.stop_check(ids, torch.zeros(1, dtype=torch.bool), [])
+    trace = rec.finish(ids, None)
+    for i, step in enumerate(trace.steps):
+        assert step.stages[0].kl.tobytes() == np.zeros(1, np.float32).tobytes()
+        got = step.stages[1].kl
+        assert got.tobytes() == np.asarray(want[i], dtype=np.float32).reshape(1).tobytes(), i
+        assert (got[0] == 0.0) == (i in unchanged)

@@ -143,7 +143,17 @@ class RowPool:
         # KL(row || the row before it); 0·log0 terms are nan and dropped.  Only a step's later
         # distinct rows use theirs (against the step's previous row).
         kl = torch.zeros_like(lse)
-        if x.shape[0] > 1:
+        per = group[0].n_rows
+        if x.device.type == "cpu" and len(group) > 1 and per > 1 and size == n \
+                and all(w.n_rows == per for w in group):
+            # steps of k rows each (the usual case): only the rows with a predecessor in their
+            # step, k - 1 strided slices of two rows at least; each row still reduced whole on
+            # one thread, so the same bits, without the KL of each step's first row (dropped).
+            # On a CPU only: on an accelerator a group's layout stays one (above), and the waste
+            # is device time.
+            for j in range(1, per):
+                kl[j::per] = (p[j::per] * (logp[j::per] - logp[j - 1::per])).nansum(-1)
+        elif x.shape[0] > 1:
             kl[1:] = (p[1:] * (logp[1:] - logp[:-1])).nansum(-1)
         chosen_lp = logp.gather(-1, chosen.unsqueeze(-1))
         results = dict(ids=ids, values=values.float(), lse=lse, masked=count_neginf(x), kl=kl, entropy=entropy,
