@@ -147,6 +147,28 @@ def test_recording_criteria_list_adds_no_ops_and_normalises_results():
     assert isinstance(never, torch.Tensor) and never.dtype == torch.bool and never.tolist() == [False, False]
 
 
+def test_recording_criteria_list_keeps_each_steps_result_of_an_in_place_criterion():
+    """The recorder reads the results after generation: a criterion that returns one tensor it
+    updates in place must not have every step show its last value (found by review: a sticky
+    criterion took the stop reason of another one)."""
+    from transformers import StoppingCriteria
+
+    class Sticky(StoppingCriteria):
+        def __init__(self):
+            self.done = torch.zeros(2, dtype=torch.bool)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.done |= input_ids[:, -1] == 0
+            return self.done
+
+    stops = []
+    crit = hf.make_criteria_list(StoppingCriteriaList, lambda i, d, f: stops.append(f))(StoppingCriteriaList([Sticky()]))
+    scores = torch.randn(2, 8)
+    crit(torch.tensor([[5, 1], [5, 2]]), scores)
+    crit(torch.tensor([[5, 1, 0], [5, 2, 3]]), scores)
+    assert [f[0][1].tolist() for f in stops] == [[False, False], [True, False]]
+
+
 def test_decoder_parts_is_the_one_support_rule():
     from tracer import models
 

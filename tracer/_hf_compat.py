@@ -290,13 +290,19 @@ def make_processor_list(base: type, on_scores: Callable[[Any, torch.Tensor], Non
     return RecordingLogitsProcessorList
 
 
+#: where transformers' own stopping criteria live: each returns a new tensor on every call
+_HF_CRITERIA_MODULE = "transformers.generation.stopping_criteria"
+
+
 def make_criteria_list(base: type, on_stop: Callable[[torch.Tensor, torch.Tensor, list], None]) -> Callable[[Any], Any]:
     """A factory wrapping a ``StoppingCriteriaList`` into one that runs the installed list's loop
     (``is_done = full(False)``, then ``is_done | criterion(...)`` for each: the same ops, so the
     same result and no more kernels than untraced) and reports ``on_stop(input_ids, is_done,
-    [(criterion, result), ...])``.  A result that is not already a ``(batch,)`` bool tensor is
-    normalised as the list itself would (``full(False) | result``); that check reads only shapes
-    and dtypes, never a device value."""
+    [(criterion, result), ...])``.  The recorder reads each result at the end of generation, so
+    a result is kept as returned only from transformers' own criteria (each returns a new tensor
+    every call); another criterion's is copied (it may return one tensor it updates in place), and
+    a result that is not a ``(batch,)`` bool tensor is normalised as the list itself would
+    (``full(False) | result``).  These checks read types, shapes and dtypes, never a device value."""
 
     class RecordingStoppingCriteriaList(base):  # type: ignore[misc, valid-type]
         def __call__(self, input_ids, scores, **kwargs):
@@ -308,6 +314,8 @@ def make_criteria_list(base: type, on_stop: Callable[[torch.Tensor, torch.Tensor
                 if not (isinstance(result, torch.Tensor) and result.dtype == torch.bool
                         and result.shape == is_done.shape):
                     result = torch.zeros_like(is_done) | result
+                elif type(criteria).__module__ != _HF_CRITERIA_MODULE:
+                    result = result.clone()
                 fired.append((criteria, result))
             on_stop(input_ids, is_done, fired)
             return is_done
