@@ -164,9 +164,11 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
         runs[(sname, c)].append(g)
         if strict:
             return ov._check_identical(c, ids, reference[sname], t.trace, new_tokens)
+        if t.trace is not None:  # the trace holds this run's own output, whatever plain gave
+            ov._check_identical(c, ids, ids, t.trace, new_tokens)
         same = ids.shape == reference[sname].shape and torch.equal(ids, reference[sname])
-        if not same and t.trace is not None and (sname, c) not in near_tie:
-            near_tie[(sname, c)] = _divergence(ids, reference[sname], t.trace)
+        if not same and t.trace is not None:
+            near_tie.setdefault((sname, c), []).append(_divergence(ids, reference[sname], t.trace))
         return same
     first_run: dict[str, torch.Tensor] = {}
     for sname, subj in subjects.items():
@@ -231,7 +233,9 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
                 "identical_to_plain": identical[(sname, c)] if (sname, c) not in errors else None,
                 # index of each run's distinct output (0: the reference plain run), warm-up included
                 "output_groups": runs[(sname, c)],
-                "equals_a_plain_output": set(runs[(sname, c)]) <= set(runs[(sname, "plain")]),
+                "equals_a_plain_output": (set(runs[(sname, c)]) <= set(runs[(sname, "plain")])
+                                          if runs[(sname, c)] else None),
+                # every run that parted from the reference: its step and the trace's top-2 gap there
                 "divergence": near_tie.get((sname, c)),
                 "error": errors.get((sname, c)),
             }
@@ -260,17 +264,21 @@ def _first_difference(ids: torch.Tensor, reference: torch.Tensor) -> int | None:
 
 
 def _divergence(ids: torch.Tensor, reference: torch.Tensor, trace: Any) -> dict[str, Any]:
-    """Where a traced run's ids part from the reference: the step, and the gap between the top two
-    final scores the trace recorded there (a near tie in bf16 flips on the last bit of a sum)."""
+    """Where a traced run's ids part from the reference: the step, the first sequence that parts
+    there, and the gap between the top two final scores the trace recorded for it (a near tie in
+    bf16 flips on the last bit of a sum)."""
     col = _first_difference(ids, reference)
     step = None if col is None else col - (reference.shape[-1] - trace.num_steps)
     out: dict[str, Any] = {"step": step}
-    if step is not None and 0 <= step < trace.num_steps:
+    if step is not None and 0 <= step < trace.num_steps and ids.shape == reference.shape:
+        a, b = ids.reshape(-1, ids.shape[-1]), reference.reshape(-1, reference.shape[-1])
+        row = int((a[:, col] != b[:, col]).nonzero()[0])
         top = trace.steps[step].stages[-1].top
-        vals = np.asarray(top.values, dtype=np.float64)[0]
-        out["top2_ids"] = [int(x) for x in np.asarray(top.ids)[0, :2]]
+        vals = np.asarray(top.values, dtype=np.float64)[row]
+        out["sequence"] = row
+        out["top2_ids"] = [int(x) for x in np.asarray(top.ids)[row, :2]]
         out["top2_gap"] = float(vals[0] - vals[1]) if vals.shape[0] > 1 else None
-        out["reference_token"] = int(reference.reshape(-1, reference.shape[-1])[0, col])
+        out["reference_token"] = int(b[row, col])
     return out
 
 

@@ -81,6 +81,7 @@ def test_measure_groups_outputs_and_records_a_mismatch(one_thread):
         if len(calls) > 1:
             ids = ids.clone()
             ids[0, ids.shape[1] - n + 5] += 1
+            trace.sequences = ids.numpy().copy()  # a trace holds its own run's output
         return ids, trace
 
     configs = {"plain": ov.run_plain, "light": flipped}
@@ -92,8 +93,32 @@ def test_measure_groups_outputs_and_records_a_mismatch(one_thread):
     assert rows["plain"]["output_groups"] == [0, 0, 0] and rows["light"]["output_groups"] == [0, 1, 1]
     assert rows["light"]["identical_to_plain"] is False and rows["light"]["equals_a_plain_output"] is False
     assert out["distinct_outputs"] == 2 and out["first_differing_step_of_each_output"] == [None, 5]
-    div = rows["light"]["divergence"]
-    assert div["step"] == 5 and div["top2_gap"] >= 0 and len(div["top2_ids"]) == 2
+    def untrue(s, n):  # a trace that does not hold its run's output is a broken trace, GPU or not
+        ids, trace = light(s, n)
+        ids = ids.clone()
+        ids[0, -1] += 1
+        return ids, trace
+
+    with pytest.raises(AssertionError, match="trace.sequences differ"):
+        sc.measure({"s": subj}, {"plain": ov.run_plain, "light": untrue}, new_tokens=8, repeats=1, strict=False)
+    divs = rows["light"]["divergence"]
+    assert len(divs) == 2 and all(d["step"] == 5 and d["sequence"] == 0 for d in divs)
+    assert divs[0]["top2_gap"] >= 0 and len(divs[0]["top2_ids"]) == 2
+
+
+def test_divergence_names_the_sequence_that_parts():
+    """Batch 2, the second sequence parts at step 1: its own top-2 gap and reference token."""
+    import types
+
+    import numpy as np
+
+    sc = _load("step_cost")
+    top = types.SimpleNamespace(ids=np.array([[4, 5], [8, 9]]), values=np.array([[3.0, 1.0], [2.5, 2.25]]))
+    trace = types.SimpleNamespace(num_steps=2, steps=[None, types.SimpleNamespace(stages=[types.SimpleNamespace(top=top)])])
+    ref = torch.tensor([[1, 2, 4, 4], [1, 2, 9, 9]])
+    ids = torch.tensor([[1, 2, 4, 4], [1, 2, 9, 8]])
+    assert sc._divergence(ids, ref, trace) == {"step": 1, "sequence": 1, "top2_ids": [8, 9], "top2_gap": 0.25,
+                                               "reference_token": 9}
 
 
 @pytest.mark.gpu
