@@ -294,3 +294,11 @@ def test_cli_shown_cuts_the_middle_by_columns_without_breaking_clusters():
     head, tail = out.split("…")
     assert set(head) == {"中"} and tail == "👍🏽" * (len(tail) // 2)
     assert shown("a\x1bb\nc") == "a\\x1bb\\nc"
+
+
+def test_run_summary_prompt_cut_never_splits_an_escape():
+    from tracer.cli.common import Result, format_summary
+
+    r = Result(prompt="ab\x1bcd 北京", output="", new_tokens=1, stop_reason="eos", time_s=1.0)
+    cells = [format_summary([r], width=w).splitlines()[2] for w in (3, 4, 5, 6, 7)]
+    assert [c.split("  ")[1].strip() for c in cells] == ["ab…", "ab…", "ab…", "ab…", "ab\\x1b…"]

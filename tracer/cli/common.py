@@ -103,7 +103,8 @@ def format_summary(results: Sequence[Result], width: int = 32) -> str:
     tokens, stop reason, time, tokens/s."""
     header = ("#", "prompt", "new tokens", "stop reason", "time s", "tokens/s")
     rows = [
-        (str(i), clip(shown(" ".join(r.prompt.split()), 10_000), width), str(r.new_tokens), shown(r.stop_reason, 40),
+        (str(i), clip(escaped_units(" ".join(r.prompt.split()), _shown_unsafe, _shown_escape), width),
+         str(r.new_tokens), shown(r.stop_reason, 40),
          f"{r.time_s:.2f}", f"{r.tokens_per_s:.1f}")
         for i, r in enumerate(results)
     ]
