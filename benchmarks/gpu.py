@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("gpu.py: --device cuda but torch sees no CUDA device (run with --device cpu --quick)")
     if device.type == "cuda":
         # plain generate is not bit-reproducible run to run on a GPU by default (an 8B-shaped bf16
-        # run on an H200 differed from itself at step 235 of 256); deterministic algorithms make
-        # it far rarer, though a flip at an exact or one-step tie remained, in HF's own
-        # output_scores and bare no-op hooks as in traced runs (docs/step_cost.md, "On a GPU")
+        # run on an H200 differed from itself at step 235 of 256); with deterministic algorithms
+        # plain's own runs agreed there, though a flip at an exact or one-step tie remained, in HF's
+        # own output_scores and bare no-op hooks as in traced runs (docs/step_cost.md, "On a GPU")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns, not fails
     tiny = device.type == "cpu"

@@ -149,7 +149,7 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
     # groups say whether a traced run equals *some* plain run (tracing changed nothing) or none
     groups: dict[str, list[torch.Tensor]] = {s: [] for s in subjects}
     runs: dict[tuple[str, str], list[int]] = {(s, c): [] for s in subjects for c in names}
-    near_tie: dict[tuple[str, str], dict[str, Any]] = {}
+    partings: dict[tuple[str, str], list[dict[str, Any]]] = {}  # non-strict: runs that parted from plain
     if strict is None:
         strict = all(subj.device.type != "cuda" for subj in subjects.values())
 
@@ -162,13 +162,13 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
             g = len(groups[sname])
             groups[sname].append(ids)
         runs[(sname, c)].append(g)
-        if strict:
-            return ov._check_identical(c, ids, reference[sname], t.trace, new_tokens)
-        if t.trace is not None:  # the trace holds this run's own output, whatever plain gave
-            ov._check_identical(c, ids, ids, t.trace, new_tokens)
-        same = ids.shape == reference[sname].shape and torch.equal(ids, reference[sname])
-        if not same and t.trace is not None:
-            near_tie.setdefault((sname, c), []).append(_divergence(ids, reference[sname], t.trace))
+        # strict: raises where the ids differ from plain's; else only where the trace does not hold
+        # this run's own output
+        same = ov._check_identical(c, ids, reference[sname] if strict else ids, t.trace, new_tokens)
+        if not strict:
+            same = ids.shape == reference[sname].shape and torch.equal(ids, reference[sname])
+            if not same and t.trace is not None:
+                partings.setdefault((sname, c), []).append(_divergence(ids, reference[sname], t.trace))
         return same
     first_run: dict[str, torch.Tensor] = {}
     for sname, subj in subjects.items():
@@ -236,7 +236,7 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
                 "equals_a_plain_output": (set(runs[(sname, c)]) <= set(runs[(sname, "plain")])
                                           if runs[(sname, c)] else None),
                 # every run that parted from the reference: its step and the trace's top-2 gap there
-                "divergence": near_tie.get((sname, c)),
+                "divergence": partings.get((sname, c)),
                 "error": errors.get((sname, c)),
             }
         prompt_len = groups[sname][0].shape[-1] - new_tokens if groups[sname] else 0

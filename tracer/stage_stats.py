@@ -144,13 +144,12 @@ class RowPool:
         # distinct rows use theirs (against the step's previous row).
         kl = torch.zeros_like(lse)
         per = group[0].n_rows
-        if x.device.type == "cpu" and len(group) > 1 and per > 1 and size == n \
-                and all(w.n_rows == per for w in group):
-            # steps of k rows each (the usual case): only the rows with a predecessor in their
-            # step, k - 1 strided slices of two rows at least; each row still reduced whole on
-            # one thread, so the same bits, without the KL of each step's first row (dropped).
-            # On a CPU only: on an accelerator a group's layout stays one (above), and the waste
-            # is device time.
+        if x.device.type == "cpu" and len(group) > 1 and per > 1 and all(w.n_rows == per for w in group):
+            # steps of `per` rows each (the usual case; no padding then: n >= 4): only the rows
+            # with a predecessor in their step, per - 1 strided slices of two rows at least; each
+            # row still reduced whole on one thread, so the same bits, without the KL of each
+            # step's first row (dropped).  On a CPU only: on an accelerator a group's layout stays
+            # one (above), and the waste is device time.
             for j in range(1, per):
                 kl[j::per] = (p[j::per] * (logp[j::per] - logp[j - 1::per])).nansum(-1)
         elif x.shape[0] > 1:
