@@ -162,3 +162,57 @@ def test_recorder_never_synchronises_on_cuda(record):
             setattr(StepRecorder, name, fn)
     assert torch.equal(out, plain)
     assert session.trace.meta.status == "complete" and not session.trace.meta.notes, session.trace.meta.notes
+
+
+def test_active_and_finished_follow_from_each_steps_is_done_as_generate_updates_them():
+    """``active``/``finished`` are derived at the end from each step's criteria result (two
+    device ops a step fewer); they equal generate's own ``unfinished_sequences`` update, step by
+    step: a sequence done again later (EOS fired on its padding) does not finish twice."""
+    import numpy as np
+
+    from tracer.assemble import _active_finished
+
+    rng = np.random.default_rng(0)
+    for n, b in [(1, 1), (2, 3), (9, 4), (30, 2)]:
+        done = rng.random((n, b)) < 0.3
+        unfinished = torch.ones(b, dtype=torch.bool)
+        want_active, want_finished = [], []
+        for row in torch.from_numpy(done):  # the recorder's former per-step ops
+            finished = unfinished & row
+            want_active.append(unfinished.numpy())
+            want_finished.append(finished.numpy())
+            unfinished = unfinished ^ finished
+        active, finished = _active_finished([torch.from_numpy(r) for r in done])
+        assert active.dtype == finished.dtype == np.bool_
+        assert np.array_equal(active, np.stack(want_active)) and np.array_equal(finished, np.stack(want_finished))
+        assert finished.sum(0).max() <= 1  # at most once per sequence
+    empty_active, empty_finished = _active_finished([])
+    assert empty_active.shape == empty_finished.shape == (0, 0)
+
+
+def test_steps_do_not_keep_every_steps_whole_sequence_alive(monkeypatch):
+    """Each step's chosen tokens start as a view of that step's whole ``input_ids``; kept so,
+    memory grows with the square of the length.  The recorder packs them every CHOSEN_PACK
+    steps: at the end at most CHOSEN_PACK steps still hold a sequence, and the trace's chosen
+    tokens are generate's own."""
+    from tracer import recorder as recorder_mod
+
+    model = make_tiny_llama()
+    inputs = make_inputs(batch=2, seq=5)
+    n = 2 * recorder_mod.CHOSEN_PACK + 7
+    seen = {}
+    finish = recorder_mod.StepRecorder.finish
+
+    def spy(self, *args, **kwargs):
+        row = 2 * 8  # one (2,) int64 row of chosen tokens
+        seen["holding"] = sum(d.chosen.untyped_storage().nbytes() > row * recorder_mod.CHOSEN_PACK for d in self.done)
+        seen["steps"] = len(self.done)
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(recorder_mod.StepRecorder, "finish", spy)
+    with tracer.trace(model, None) as session:
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert seen["steps"] == n
+    assert 0 < seen["holding"] < recorder_mod.CHOSEN_PACK  # only the steps since the last pack
+    chosen = torch.stack([torch.from_numpy(s.chosen) for s in session.trace.steps], dim=1)
+    assert torch.equal(chosen, out[:, inputs["input_ids"].shape[1]:])

@@ -95,8 +95,7 @@ class FinishedStep:
     ranks: Sequence[np.ndarray] | None  # per stage (B,)
     logps: Sequence[np.ndarray] | None  # per stage (B,)
     chosen: torch.Tensor
-    active: torch.Tensor
-    finished: torch.Tensor
+    is_done: torch.Tensor  # (B,) what the stopping criteria returned: active and finished follow at the end
     fired: list[tuple[Any, Any]]  # (criterion, its (B,) result)
     lens: LensRows | None
     norms: torch.Tensor | None
@@ -135,7 +134,8 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
     host = _HostCopies(kept)  # every tensor the steps hold, in one transfer (or copy) per dtype
     meta = _meta(plan, config, tokenizer, facts, status, error)
     reason_of = _ReasonOf(tokenizer, meta.terminators)
-    steps = [_to_record(d, facts.sampled, host, reason_of) for d in kept]
+    active, finished = _active_finished([host(d.is_done) for d in kept])
+    steps = [_to_record(d, facts.sampled, host, reason_of, a, f) for d, a, f in zip(kept, active, finished)]
     batch = int(steps[0].chosen.shape[0]) if steps else (0 if facts.prompt_ids is None else facts.prompt_ids.shape[0])
     prompt_ids = facts.prompt_ids if facts.prompt_ids is not None else np.zeros((batch, 0), np.int64)
     prompt_mask = facts.prompt_mask if facts.prompt_mask is not None else np.ones_like(prompt_ids)
@@ -202,7 +202,21 @@ def _generated(steps: Sequence[StepRecord], b: int) -> list[int]:
     return out
 
 
-def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "_ReasonOf") -> StepRecord:
+def _active_finished(is_done: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per step ``(n, B)``: which sequences were still generating (``active``: no earlier step
+    was done for them) and which finished at that step (``active & is_done``), from what the
+    stopping criteria returned each step; generate's own ``unfinished_sequences``, for all steps
+    at once instead of two device ops a step."""
+    if not is_done:
+        return np.zeros((0, 0), bool), np.zeros((0, 0), bool)
+    done = np.stack([np.asarray(x, dtype=bool).reshape(-1) for x in is_done])
+    active = np.ones_like(done)
+    np.logical_not(np.logical_or.accumulate(done[:-1], axis=0), out=active[1:])
+    return active, active & done
+
+
+def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "_ReasonOf",
+               active: np.ndarray, finished: np.ndarray) -> StepRecord:
     fed = d.inputs
     ids = host(fed.input_ids).astype(np.int64) if fed.input_ids is not None else np.zeros((0, 0), np.int64)
     q_len = ids.shape[1] if ids.ndim == 2 else 0
@@ -231,7 +245,6 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "
                                sink=host(a.sink).astype(np.float32), argmax=host(a.argmax).astype(np.int64))
     mask = host(fed.mask).astype(np.int8) if fed.mask is not None else None
     chosen = host(d.chosen).astype(np.int64)
-    finished = host(d.finished).astype(bool)
     return StepRecord(
         index=d.index,
         inputs=StepInputs(
@@ -249,7 +262,7 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "
         stages=stages,
         chosen=chosen,
         sampled=sampled,
-        active=host(d.active).astype(bool),
+        active=active,
         finished=finished,
         stop_reasons=reason_of(d.fired, chosen, finished, host) if finished.any() else (None,) * len(chosen),
         time_s=float(d.time_s),
@@ -409,7 +422,7 @@ class _HostCopies:
 def _step_tensors(d: FinishedStep) -> list[Any]:
     fed = d.inputs
     # (the stage statistics arrive as host arrays: tracer.stage_stats copies them itself)
-    out = [fed.input_ids, fed.position_ids, fed.mask, fed.mask_padding, d.chosen, d.active, d.finished, d.norms]
+    out = [fed.input_ids, fed.position_ids, fed.mask, fed.mask_padding, d.chosen, d.is_done, d.norms]
     out += [r for _, r in d.fired]
     if d.lens is not None:
         out += [d.lens.rank, d.lens.prob, d.lens.top]

@@ -40,7 +40,10 @@ from .plan import ModelPlan, estimate_bytes
 from .records import MemoryStore, Trace, blob_key
 from .stage_stats import RowPool, Waiting
 
-__all__ = ["StepRecorder", "MASK_KEEP_MAX", "TracerWarning"]
+__all__ = ["StepRecorder", "CHOSEN_PACK", "MASK_KEEP_MAX", "TracerWarning"]
+
+#: Steps whose chosen tokens are packed together (dropping each step's whole sequence).
+CHOSEN_PACK = 64
 
 #: The 2-D attention mask as fed is kept per step when it has at most this many entries; a
 #: larger one keeps its shape and per-row padding only.
@@ -67,14 +70,6 @@ class _StepScratch:
     last_version: int | None = None
 
 
-def _version(t: torch.Tensor) -> int | None:
-    """A tensor's in-place version counter; None for inference tensors (``torch.inference_mode``)."""
-    try:
-        return int(t._version)
-    except RuntimeError:
-        return None
-
-
 class StepRecorder:
     """State of one traced ``generate`` call; produces one :class:`~tracer.records.Trace`."""
 
@@ -93,10 +88,12 @@ class StepRecorder:
             self.prompt_mask = None if self.prompt_ids is None else np.ones_like(self.prompt_ids)
         self.generation_config: Any = None
         self.processor_params: dict[int, dict[str, Any]] = {}  # id(processor) -> its settings
+        self.stage_meta: dict[int, tuple[str, dict[str, Any]]] = {id(None): ("logits", {})}
         self.n_stages = 1
         self.sampled = False
         self.cur: _StepScratch | None = None
         self.done: list[FinishedStep] = []
+        self.packed = 0  # steps before this one hold their chosen tokens packed (_pack_chosen)
         self.pool = RowPool(config.top_k, self.n_stages)  # rows waiting for statistics (remade in configure)
         self.readings: list[Any] = []
         self.cache_reader = cache_inspector.CacheReader()
@@ -104,7 +101,6 @@ class StepRecorder:
         self.blob_bytes = 0
         self.budget_exhausted = False
         self.notes: list[str] = []
-        self.unfinished: torch.Tensor | None = None
         self.next_cache_len: int | None = None
         self.last_cache: Any = None
         self.reused_len = 0
@@ -112,6 +108,9 @@ class StepRecorder:
         self.own_forward = False  # inside this step's own model forward (not a nested call)
         self.nested = 0  # model calls made while a step is open (e.g. by a guidance processor)
         self.suspended = 0  # > 0 while the recorder runs model parts itself (logit lens)
+        # a step's end does more than light's bookkeeping (model parts, device values, blobs)
+        self.heavy = bool(plan.lens_layers or config.modules or plan.hidden_layers or config.full_logits
+                          or plan.attention is not None or plan.routing is not None)
 
     # -- state -----------------------------------------------------------------------
     @property
@@ -169,6 +168,9 @@ class StepRecorder:
         # read once: processors are the same objects every step (and reading a CUDA tensor
         # parameter would synchronise the device)
         self.processor_params = {id(p): stage_params(p) for p in processors}
+        # per stage (name, settings), shared by every step; None: the raw logits
+        self.stage_meta = {id(None): ("logits", {}), **{id(p): (type(p).__name__, self.processor_params[id(p)])
+                                                         for p in processors}}
         self.n_stages = len(processors) + 1  # score rows per step: the logits, then each processor
         self.pool = RowPool(self.config.top_k, self.n_stages)
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
@@ -282,13 +284,16 @@ class StepRecorder:
         """Keep a copy of the stage's scores row in the pool (a later processor may write in
         place); its statistics are computed later, with other steps' (:mod:`tracer.stage_stats`)."""
         step = self.cur
-        version = _version(scores)
-        same = scores is step.last_scores and version is not None and version == step.last_version
-        if step.n_rows and (same or (scores is not step.last_scores and scores.device.type == "cpu"
-                                     and torch.equal(scores, step.last_scores))):
+        last = step.last_scores
+        try:
+            version = scores._version
+        except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
+            version = None
+        if step.n_rows and ((scores is last and version is not None and version == step.last_version)
+                            or (scores is not last and scores.is_cpu and torch.equal(scores, last))):
             step.row_of.append(step.row_of[-1])  # a processor that changed nothing: same row
         else:
-            row = self.pool.keep(scores.detach())
+            row = self.pool.keep(scores.detach() if scores.requires_grad else scores)
             if not step.n_rows:
                 step.first_row = row
                 if self.config.full_logits:
@@ -296,39 +301,35 @@ class StepRecorder:
             step.row_of.append(step.n_rows)
             step.n_rows += 1
         step.last_scores, step.last_version = scores, version
-        name = "logits" if processor is None else type(processor).__name__
-        step.stages.append((name, {} if processor is None else self.processor_params.get(id(processor), {})))
+        meta = self.stage_meta.get(id(processor))
+        step.stages.append(meta if meta is not None else (type(processor).__name__, {}))
 
     def _end_step(self, input_ids: torch.Tensor, is_done: torch.Tensor, fired: list) -> None:
         step = self.cur
         plan = self.plan
-        with torch.no_grad():
-            chosen = input_ids.select(1, -1)
-            if self.unfinished is None:
-                self.unfinished = torch.ones_like(is_done)
-            active = self.unfinished  # (never written in place: each step's is a new tensor)
-            finished = active & is_done
-            self.unfinished = active ^ finished  # active and not done
-            lens = self._logit_lens(step, chosen) if plan.lens_layers else None
-            norms = self._residual_norms(step)
-            for i in plan.hidden_layers:
-                if i in step.layer_last:
-                    self._put_blob(blob_key("hidden", step.index, i), step.layer_last[i].float())
-            if step.full_logits is not None:
-                self._put_blob(blob_key("logits", step.index), step.full_logits, host=True)
-            attn_stats = None
-            if plan.attention is not None:
-                if plan.attention.error is not None:
-                    raise plan.attention.error
-                stats, maps = plan.attention.collect()
-                if stats is not None:
-                    attn_stats = StatsRows(*stats)
-                for layer, probs in maps.items():
-                    self._put_blob(blob_key("attention", step.index, layer), probs, host=True)
-            if plan.routing is not None:
-                for layer, (experts, weights) in plan.routing.collect(int(chosen.shape[0])).items():
-                    self._put_blob(blob_key("router_experts", step.index, layer), experts, host=True)
-                    self._put_blob(blob_key("router_weights", step.index, layer), weights, host=True)
+        chosen = input_ids.select(1, -1)
+        lens = norms = attn_stats = None
+        if self.heavy:  # anything beyond light: model parts run here, device values kept
+            with torch.no_grad():
+                lens = self._logit_lens(step, chosen) if plan.lens_layers else None
+                norms = self._residual_norms(step)
+                for i in plan.hidden_layers:
+                    if i in step.layer_last:
+                        self._put_blob(blob_key("hidden", step.index, i), step.layer_last[i].float())
+                if step.full_logits is not None:
+                    self._put_blob(blob_key("logits", step.index), step.full_logits, host=True)
+                if plan.attention is not None:
+                    if plan.attention.error is not None:
+                        raise plan.attention.error
+                    stats, maps = plan.attention.collect()
+                    if stats is not None:
+                        attn_stats = StatsRows(*stats)
+                    for layer, probs in maps.items():
+                        self._put_blob(blob_key("attention", step.index, layer), probs, host=True)
+                if plan.routing is not None:
+                    for layer, (experts, weights) in plan.routing.collect(int(chosen.shape[0])).items():
+                        self._put_blob(blob_key("router_experts", step.index, layer), experts, host=True)
+                        self._put_blob(blob_key("router_weights", step.index, layer), weights, host=True)
         if self.config.sync_timing:
             sync(plan.device)
         done = FinishedStep(
@@ -340,8 +341,7 @@ class StepRecorder:
             ranks=None,
             logps=None,
             chosen=chosen,
-            active=active,
-            finished=finished,
+            is_done=is_done,  # a new tensor every step (the criteria list's own): never written in place
             fired=list(fired),
             lens=lens,
             norms=norms,
@@ -350,11 +350,24 @@ class StepRecorder:
         self.done.append(done)
         self.readings.append(step.readings)
         self.cur = None
+        if len(self.done) - self.packed >= CHOSEN_PACK:
+            self._pack_chosen()
         if step.n_rows:  # the pool keeps what the statistics need, not the step's tensors
             try:
                 self.pool.add(Waiting(done, step.first_row, step.n_rows, step.stages, step.row_of))
             except Exception as exc:  # noqa: BLE001 - reported at the first step it lost
                 self.fail(exc, step=self.pool.lost_from)
+
+    def _pack_chosen(self) -> None:
+        """Each step's ``chosen`` is a view of that step's whole sequence (``input_ids[:, -1]``):
+        kept as is, every step would hold its own sequence alive, memory growing with the square
+        of the length.  Every :data:`CHOSEN_PACK` steps their values go into one small tensor
+        (one op, no synchronisation) and the views are dropped."""
+        steps = self.done[self.packed:]
+        packed = torch.stack([d.chosen for d in steps])  # (n, B)
+        for i, d in enumerate(steps):
+            d.chosen = packed[i]
+        self.packed = len(self.done)
 
     def _residual_norms(self, step: _StepScratch) -> torch.Tensor | None:
         if not self.config.modules:

@@ -50,6 +50,7 @@ class RowPool:
         self.top_k = top_k
         self.n_stages = n_stages
         self.rows: torch.Tensor | None = None  # (capacity, B, V)
+        self._fits: tuple = (0, None, None)  # (capacity, dtype, row shape) of rows: the fast path's test
         self.used = 0
         self.pending: list[Waiting] = []  # steps whose rows wait in the pool
         self.lost_from: int | None = None  # the first step whose statistics a failed flush dropped
@@ -63,12 +64,13 @@ class RowPool:
         """Copy ``scores`` into the next row; its index.  The pool is made on the first row (room
         for :data:`ROW_POOL_BYTES`, at least one step), and grows (a step with more rows than
         stages) or widens (a processor returned a wider dtype) keeping the rows it holds."""
+        used = self.used
+        capacity, dtype, shape = self._fits
+        if used < capacity and scores.dtype == dtype and scores.shape == shape:  # the common case, kept short
+            self.rows[used].copy_(scores)
+            self.used = used + 1
+            return used
         rows = self.rows
-        if rows is not None and self.used < rows.shape[0] and scores.dtype == rows.dtype \
-                and scores.shape == rows.shape[1:]:  # the common case, kept short
-            rows[self.used].copy_(scores)
-            self.used += 1
-            return self.used - 1
         dtype = scores.dtype if rows is None else torch.promote_types(rows.dtype, scores.dtype)
         if rows is not None and tuple(rows.shape[1:]) != tuple(scores.shape):
             raise RuntimeError(f"score rows changed shape during generation: {tuple(rows.shape[1:])} -> "
@@ -80,6 +82,7 @@ class RowPool:
             if rows is not None and self.used:
                 fresh[: self.used].copy_(rows[: self.used])
             self.rows = fresh
+            self._fits = (fresh.shape[0], fresh.dtype, fresh.shape[1:])
         self.rows[self.used].copy_(scores)
         self.used += 1
         return self.used - 1
