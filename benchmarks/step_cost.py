@@ -133,11 +133,14 @@ def llama_subject(layers: int, device: torch.device, *, hidden: int = 64, heads:
 
 def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, new_tokens: int, repeats: int,
             warmup: int = 1, strict: bool | None = None,
-            log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+            log: Callable[[str], None] = lambda _: None,
+            on_round: Callable[[dict[str, Any], int], None] | None = None) -> dict[str, Any]:
     """Time every (subject, configuration), interleaved across both, ``repeats`` rounds.
 
     ``strict`` (default: on unless a subject is on a GPU): a configuration that must not change
-    the result and whose ids differ from plain's raises; else the mismatch is recorded."""
+    the result and whose ids differ from plain's raises; else the mismatch is recorded.
+    ``on_round(results so far, rounds done)`` after each round: a run cut short (a device's time
+    limit) keeps the rounds it finished."""
     names = list(configs)
     times = {(s, c): [] for s in subjects for c in names}
     cpu = {(s, c): [] for s in subjects for c in names}  # this process's CPU time (load-proof on CPU)
@@ -192,6 +195,11 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
                 reference.setdefault(sname, t.ids)
                 identical[(sname, c)] &= check(sname, c, t)
     cells = [(s, c) for s in subjects for c in names if (s, c) not in errors]
+
+    def results() -> dict[str, Any]:
+        return _results(subjects, names, times, cpu, identical, errors, runs, partings, groups, first_run,
+                        new_tokens)
+
     for r in range(repeats):
         gc.collect()
         shift = r * len(cells) // max(repeats, 1)  # rotate who goes first
@@ -204,6 +212,15 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
             times[(sname, c)].append(t.seconds)
             del t
         log(f"  round {r + 1}/{repeats} done")
+        if on_round is not None:
+            on_round(results(), r + 1)
+    return results()
+
+
+def _results(subjects: dict[str, ov.Subject], names: list[str], times: dict, cpu: dict, identical: dict,
+             errors: dict, runs: dict, partings: dict, groups: dict, first_run: dict,
+             new_tokens: int) -> dict[str, Any]:
+    """:func:`measure`'s report of the rounds timed so far, per subject and configuration."""
     out: dict[str, Any] = {}
     for sname in subjects:
         plain = times[(sname, "plain")]
@@ -368,20 +385,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         keep = {"plain", *args.configs.split(",")}
         configs = {k: v for k, v in configs.items() if k in keep}
     print(f"step cost: {tokens} tokens, {repeats} rounds, layers {layers}, configs {list(configs)}", flush=True)
-    results = measure(subjects, configs, new_tokens=tokens, repeats=repeats, log=lambda m: print(m, flush=True))
-    summary = summarise(results, layer_of, cpu_time=device.type == "cpu" and args.threads == 1)
-    report = {
-        "machine": ov.machine_info(device),
-        "new_tokens": tokens,
-        "repeats": repeats,
-        "layers": layers,
-        "subjects": results,
-        "summary": summary,
-        "nnsight": ov.nnsight_available() or "installed",
-    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step_cost.json").write_text(json.dumps(report, indent=1))
+    machine = ov.machine_info(device)
+
+    def write(results: dict[str, Any], rounds: int) -> dict[str, Any]:
+        summary = summarise(results, layer_of, cpu_time=device.type == "cpu" and args.threads == 1)
+        report = {
+            "machine": machine,
+            "new_tokens": tokens,
+            "repeats": repeats,
+            "rounds_done": rounds,  # < repeats: a run cut short, these rounds only
+            "layers": layers,
+            "subjects": results,
+            "summary": summary,
+            "nnsight": ov.nnsight_available() or "installed",
+        }
+        (out / "step_cost.json").write_text(json.dumps(report, indent=1))
+        return report
+
+    results = measure(subjects, configs, new_tokens=tokens, repeats=repeats, log=lambda m: print(m, flush=True),
+                      on_round=write)
+    report = write(results, repeats)
+    summary = report["summary"]
     print(render(summary, layers))
     print(f"wrote {out / 'step_cost.json'}")
     return report

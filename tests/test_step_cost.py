@@ -216,3 +216,33 @@ def test_steps_do_not_keep_every_steps_whole_sequence_alive(monkeypatch):
     assert 0 < seen["holding"] < recorder_mod.CHOSEN_PACK  # only the steps since the last pack
     chosen = torch.stack([torch.from_numpy(s.chosen) for s in session.trace.steps], dim=1)
     assert torch.equal(chosen, out[:, inputs["input_ids"].shape[1]:])
+
+
+def test_a_run_cut_short_keeps_the_rounds_it_finished(tmp_path, one_thread, monkeypatch):
+    """The JSON is written after every round (a device lent for minutes may stop the run):
+    killed in round 2 of 2, it holds round 1's times, marked ``rounds_done`` 1."""
+    sc = _load("step_cost")
+    ov = sys.modules["overhead"]
+    timed, state = ov._timed, {"rounds": 0}
+    original_log = print
+
+    def counting_print(*args, **kwargs):
+        if args and isinstance(args[0], str) and "round 1/2 done" in args[0]:
+            state["rounds"] = 1
+        return original_log(*args, **kwargs)
+
+    def dying(run, s, n, **kw):
+        if state["rounds"] == 1:
+            raise KeyboardInterrupt  # the device's time limit, in round 2
+        return timed(run, s, n, **kw)
+
+    monkeypatch.setattr(ov, "_timed", dying)
+    monkeypatch.setattr("builtins.print", counting_print)
+    with pytest.raises(KeyboardInterrupt):
+        sc.main(["--layers", "1", "--tokens", "3", "--repeats", "2", "--vocab", "256", "--no-nnsight",
+                 "--configs", "light", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "step_cost.json").read_text())
+    assert saved["rounds_done"] == 1 and saved["repeats"] == 2
+    rows = saved["subjects"]["1 layers"]["configs"]
+    assert len(rows["plain"]["times_s"]) == len(rows["light"]["times_s"]) == 1
+    assert saved["summary"]["configs"]["light"]["added_ms_per_step"]["1"] is not None
