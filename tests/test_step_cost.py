@@ -246,3 +246,15 @@ def test_a_run_cut_short_keeps_the_rounds_it_finished(tmp_path, one_thread, monk
     rows = saved["subjects"]["1 layers"]["configs"]
     assert len(rows["plain"]["times_s"]) == len(rows["light"]["times_s"]) == 1
     assert saved["summary"]["configs"]["light"]["added_ms_per_step"]["1"] is not None
+
+
+def test_step_split_on_cpu_quick(tmp_path, one_thread):
+    split = _load("step_split")
+    report = split.main(["--rounds", "1", "--tokens", "4", "--vocab", "256", "--layers", "1", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "step_split.json").read_text())["results"]["vocab 256, 1 layers"]
+    assert row == report["results"]["vocab 256, 1 layers"]
+    assert row["plain_added_ms_per_step"] == 0.0 and row["light_end_ms_per_step"] > 0
+    assert {"light_added_ms_per_step", "hf_scores_added_ms_per_step", "light_unpinned_added_ms_per_step"} <= set(row)
+    from tracer import stage_stats, recorder, _device
+
+    assert stage_stats.to_host is _device.to_host and recorder.StepRecorder.finish.__name__ == "finish"
