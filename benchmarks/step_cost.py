@@ -46,6 +46,7 @@ if str(HERE) not in sys.path:
 
 import overhead as ov  # noqa: E402  (benchmarks/overhead.py: subjects, runners, timing)
 from tracer import RecordConfig  # noqa: E402
+from tracer.jsonio import write_json_atomic  # noqa: E402
 
 LAYERS = (2, 16, 32)
 NEW_TOKENS = 256
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "summary": summary,
             "nnsight": ov.nnsight_available() or "installed",
         }
-        (out / "step_cost.json").write_text(json.dumps(report, indent=1))
+        write_json_atomic(out / "step_cost.json", report, indent=1)  # a kill mid-write keeps the last
         return report
 
     results = measure(subjects, configs, new_tokens=tokens, repeats=repeats, log=lambda m: print(m, flush=True),

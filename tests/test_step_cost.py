@@ -258,3 +258,28 @@ def test_step_split_on_cpu_quick(tmp_path, one_thread):
     from tracer import stage_stats, recorder, _device
 
     assert stage_stats.to_host is _device.to_host and recorder.StepRecorder.finish.__name__ == "finish"
+
+
+def test_a_failed_pack_keeps_the_step_that_packs(monkeypatch):
+    """Packing runs last in a step's end: if it fails (out of memory), that step is whole and
+    recording stops at the next one, which the note names; generation is unchanged."""
+    from tracer import recorder as recorder_mod
+
+    def broken(self):
+        raise RuntimeError("no memory for the pack")
+
+    monkeypatch.setattr(recorder_mod.StepRecorder, "_pack_chosen", broken)
+    model = make_tiny_llama()
+    inputs = make_inputs(batch=1, seq=5)
+    n = recorder_mod.CHOSEN_PACK + 10
+    plain = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with pytest.warns(tracer.TracerWarning, match="no memory for the pack"):
+        with tracer.trace(model, None) as session:
+            out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, plain)
+    trace = session.trace
+    k = recorder_mod.CHOSEN_PACK
+    assert len(trace.steps) == k and trace.steps[-1].index == k - 1
+    assert any(f"recording stopped at step {k}:" in note for note in trace.meta.notes)
+    chosen = [int(s.chosen[0]) for s in trace.steps]
+    assert chosen == out[0, 5 : 5 + k].tolist()

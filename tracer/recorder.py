@@ -350,13 +350,13 @@ class StepRecorder:
         self.done.append(done)
         self.readings.append(step.readings)
         self.cur = None
-        if len(self.done) - self.packed >= CHOSEN_PACK:
-            self._pack_chosen()
         if step.n_rows:  # the pool keeps what the statistics need, not the step's tensors
             try:
                 self.pool.add(Waiting(done, step.first_row, step.n_rows, step.stages, step.row_of))
             except Exception as exc:  # noqa: BLE001 - reported at the first step it lost
                 self.fail(exc, step=self.pool.lost_from)
+        if self.broken is None and len(self.done) - self.packed >= CHOSEN_PACK:
+            self._pack_chosen()  # last: if it fails, this step is whole and recording stops at the next
 
     def _pack_chosen(self) -> None:
         """Each step's ``chosen`` is a view of that step's whole sequence (``input_ids[:, -1]``):
