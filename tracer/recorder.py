@@ -87,7 +87,7 @@ class StepRecorder:
         else:
             self.prompt_mask = None if self.prompt_ids is None else np.ones_like(self.prompt_ids)
         self.generation_config: Any = None
-        self.processor_params: dict[int, dict[str, Any]] = {}  # id(processor) -> its settings
+        # id(processor) -> (stage name, its settings); id(None): the raw logits
         self.stage_meta: dict[int, tuple[str, dict[str, Any]]] = {id(None): ("logits", {})}
         self.n_stages = 1
         self.sampled = False
@@ -165,12 +165,9 @@ class StepRecorder:
                 "hooks cannot record inside a compiled graph. Pass disable_compile=True to "
                 "generate (to the traced and the plain run alike)."
             )
-        # read once: processors are the same objects every step (and reading a CUDA tensor
-        # parameter would synchronise the device)
-        self.processor_params = {id(p): stage_params(p) for p in processors}
-        # per stage (name, settings), shared by every step; None: the raw logits
-        self.stage_meta = {id(None): ("logits", {}), **{id(p): (type(p).__name__, self.processor_params[id(p)])
-                                                         for p in processors}}
+        # each stage's (name, settings), read once and shared by every step: processors are the
+        # same objects every step (and reading a CUDA tensor parameter would synchronise the device)
+        self.stage_meta.update({id(p): (type(p).__name__, stage_params(p)) for p in processors})
         self.n_stages = len(processors) + 1  # score rows per step: the logits, then each processor
         self.pool = RowPool(self.config.top_k, self.n_stages)
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
