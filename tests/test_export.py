@@ -533,3 +533,34 @@ def test_step_explorer_panes_show_characters_in_context():
     assert "北" in w.text_html.value and "\ufffd" not in w.text_html.value + w.inputs_html.value
     w.slider.value = 0
     assert "<code>\\xe5\\x8c</code>" in w.table_html.value
+
+
+def _contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two ``#rrggbb`` colours."""
+    def lum(c: str) -> float:
+        ch = [int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        ch = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in ch]
+        return 0.2126 * ch[0] + 0.7152 * ch[1] + 0.0722 * ch[2]
+    hi, lo = sorted((lum(a), lum(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_step_text_shows_a_chosen_token_of_only_bytes_legibly():
+    """The step view's chip around the chosen token: when that token is the first bytes of a
+    character (北's e5 8c), its byte run keeps token_span's own colour, so the chip's background
+    must be light enough for it (it was the dark chosen colour: contrast 1.1) and for the text."""
+    import re
+
+    from tracer.viz import shared, steps
+
+    trace = multibyte_trace()
+    assert trace.token_text[int(trace.steps[0].chosen[0])] != "北"  # step 0 chose bytes only
+    out = steps._text_html(trace, 0, 0)
+    chip = re.findall(r'<span style="([^"]*)" title="id \d+">(.*?)</span></span>', out)[-1]
+    assert "\\xe5\\x8c" in chip[1] and 'class="tr-part"' in chip[1]
+    background = re.search(r"background:(#[0-9a-fA-F]{6})", chip[0]).group(1)
+    own = re.search(r"(?<![-\w])color:(#[0-9a-fA-F]{6})", chip[0])  # else the page's black
+    text = own.group(1) if own else "#000000"
+    part = re.search(r"color:(#[0-9a-fA-F]{6})", shared.PART_STYLE).group(1)
+    assert _contrast(part, background) >= 3.0
+    assert _contrast(text, background) >= 4.5

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 CHOSEN = "#e4572e"  # the chosen token, everywhere
+CHOSEN_LIGHT = "#fde3dc"  # behind a chosen token's text (CHOSEN itself is too dark for its byte runs)
 OTHER = "#8da0cb"
 
 

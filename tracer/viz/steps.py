@@ -17,6 +17,7 @@ from ..text import Piece, running_text, safe_lines
 from .shared import input_pieces, run_pieces, token_span, top_candidates
 from ._common import (
     CHOSEN,
+    CHOSEN_LIGHT,
     CLASSES,
     OTHER,
     check_step,
@@ -133,8 +134,12 @@ def _text_html(trace: Trace, step: int, seq: int) -> str:
     out = ['<span style="color:#777">' + "".join(token_span(p, cls="") for p in prompt) + "</span>"]
     out += [token_span(p, cls="") for p in gen[:-1]]
     cur = gen[-1]
+    # a light chip ringed in the chosen colour: the token's byte runs and markers keep their own
+    # colours (token_span draws for a light background), so a chosen token that is only the first
+    # bytes of a character stays legible
     out.append(token_span(cur, cls="", title=f"id {cur.token_id}",
-                          style=f"background:{CHOSEN};color:white;border-radius:3px;padding:0 2px"))
+                          style=f"background:{CHOSEN_LIGHT};outline:1px solid {CHOSEN};border-radius:3px;"
+                                "padding:0 2px"))
     stop = ""
     if rec.finished[seq]:
         stop = f'<div style="color:{CHOSEN};font-weight:bold">stopped: {esc(str(rec.stop_reasons[seq]))}</div>'
