@@ -172,7 +172,7 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
         if not strict:
             same = ids.shape == reference[sname].shape and torch.equal(ids, reference[sname])
             if not same and t.trace is not None:
-                partings.setdefault((sname, c), []).append(_divergence(ids, reference[sname], t.trace))
+                partings.setdefault((sname, c), []).append(ov.divergence(ids, reference[sname], t.trace))
         return same
     first_run: dict[str, torch.Tensor] = {}
     for sname, subj in subjects.items():
@@ -260,7 +260,7 @@ def _results(subjects: dict[str, ov.Subject], names: list[str], times: dict, cpu
         prompt_len = groups[sname][0].shape[-1] - new_tokens if groups[sname] else 0
 
         def step_of(ids: torch.Tensor) -> int | None:  # first differing decode step, None: equal
-            col = _first_difference(ids, groups[sname][0])
+            col = ov.first_difference(ids, groups[sname][0])
             return None if col is None else col - prompt_len
 
         firsts = [step_of(g) for g in groups[sname]]
@@ -269,34 +269,6 @@ def _results(subjects: dict[str, ov.Subject], names: list[str], times: dict, cpu
                       "first_differing_step_of_each_output": firsts}
         if sname in first_run:  # the untimed first plain run on a GPU, against the reference
             out[sname]["first_run_first_differing_step"] = step_of(first_run[sname])
-    return out
-
-
-def _first_difference(ids: torch.Tensor, reference: torch.Tensor) -> int | None:
-    """Index of the first differing column (position in the sequence), None where equal."""
-    n = min(ids.shape[-1], reference.shape[-1])
-    diff = (ids[..., :n] != reference[..., :n]).reshape(-1, n).any(0).nonzero()
-    if len(diff):
-        return int(diff[0])
-    return None if ids.shape == reference.shape else n
-
-
-def _divergence(ids: torch.Tensor, reference: torch.Tensor, trace: Any) -> dict[str, Any]:
-    """Where a traced run's ids part from the reference: the step, the first sequence that parts
-    there, and the gap between the top two final scores the trace recorded for it (a near tie in
-    bf16 flips on the last bit of a sum)."""
-    col = _first_difference(ids, reference)
-    step = None if col is None else col - (reference.shape[-1] - trace.num_steps)
-    out: dict[str, Any] = {"step": step}
-    if step is not None and 0 <= step < trace.num_steps and ids.shape == reference.shape:
-        a, b = ids.reshape(-1, ids.shape[-1]), reference.reshape(-1, reference.shape[-1])
-        row = int((a[:, col] != b[:, col]).nonzero()[0])
-        top = trace.steps[step].stages[-1].top
-        vals = np.asarray(top.values, dtype=np.float64)[row]
-        out["sequence"] = row
-        out["top2_ids"] = [int(x) for x in np.asarray(top.ids)[row, :2]]
-        out["top2_gap"] = float(vals[0] - vals[1]) if vals.shape[0] > 1 else None
-        out["reference_token"] = int(b[row, col])
     return out
 
 
