@@ -872,15 +872,22 @@ def _ratio_cell(r: dict[str, Any]) -> str:
 
 
 def run_subject(
-    s: Subject, *, repeats: int, new_tokens: int, sizes: tuple[int, ...], growth_repeats: int, log: Callable[[str], None]
+    s: Subject, *, repeats: int, new_tokens: int, sizes: tuple[int, ...], growth_repeats: int, log: Callable[[str], None],
+    result: dict[str, Any] | None = None, on_section: Callable[[], Any] = lambda: None,
 ) -> dict[str, Any]:
-    result: dict[str, Any] = {"name": s.name, "description": s.description}
+    """Overhead, growth and budget of one subject, into ``result``; ``on_section()`` after each
+    (main saves the report there: a run cut short keeps the sections it finished)."""
+    result = {} if result is None else result
+    result.update(name=s.name, description=s.description)
     log(f"{s.name}: overhead ({new_tokens} tokens × {repeats} rounds)")
     result["overhead"] = measure_overhead(s, new_tokens=new_tokens, repeats=repeats, log=log)
+    on_section()
     log(f"{s.name}: growth {sizes}")
     result["growth"] = measure_growth(s, sizes=sizes, repeats=growth_repeats, log=log)
+    on_section()
     log(f"{s.name}: memory budget")
     result["budget"] = measure_budget(s, new_tokens=new_tokens)
+    on_section()
     return result
 
 
@@ -925,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         builders.append(("Llama-3-8B-shaped (random weights)", llama3_8b_shaped_subject))
     def save() -> str:
-        """latest.json and latest.md as they stand: written after every subject, so a run cut
+        """latest.json and latest.md as they stand: written after every section, so a run cut
         short (a lent GPU's time limit, a late failure) keeps the subjects it finished"""
         md = render_markdown(results)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -942,14 +949,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: cannot build: {exc}")
             results["subjects"].append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
             continue
-        results["subjects"].append(
-            run_subject(s, repeats=repeats, new_tokens=NEW_TOKENS, sizes=sizes, growth_repeats=growth_repeats, log=log)
-        )
+        entry: dict[str, Any] = {"name": name}
+        results["subjects"].append(entry)
+        run_subject(s, repeats=repeats, new_tokens=NEW_TOKENS, sizes=sizes, growth_repeats=growth_repeats, log=log,
+                    result=entry, on_section=save)
         del s
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        save()
 
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = list(os.getloadavg())

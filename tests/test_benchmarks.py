@@ -192,3 +192,20 @@ def test_cuda_refused_clearly_without_cuda(bench):
         pytest.skip("CUDA is available here")
     with pytest.raises(SystemExit, match="CUDA is not available"):
         bench.main(["--device", "cuda", "--out", str(Path("/nonexistent"))])
+
+
+def test_each_section_is_handed_on_as_it_finishes(bench, subject, monkeypatch):
+    """main saves the report after every section: a run cut short (a lent GPU's time limit, as
+    an H200 run in its growth section) keeps the overhead it measured."""
+    budget = bench.measure_budget
+    monkeypatch.setattr(bench, "measure_budget", lambda s, new_tokens: budget(s, max_bytes=1024, new_tokens=new_tokens))
+    seen = []
+    entry: dict = {}
+    out = bench.run_subject(subject, repeats=1, new_tokens=4, sizes=(4,), growth_repeats=1, log=lambda _: None,
+                            result=entry, on_section=lambda: seen.append(sorted(entry)))
+    assert out is entry
+    assert seen == [["description", "name", "overhead"], ["description", "growth", "name", "overhead"],
+                    ["budget", "description", "growth", "name", "overhead"]]
+    md = bench.render_markdown({"machine": bench.machine_info(subject.device),
+                                "subjects": [{"name": "cut", "description": ""}, entry]})
+    assert "## cut" in md and "| light |" in md
