@@ -4,8 +4,7 @@
                                     [--vocab 256,49152] [--layers 2,16] [--profile] [--out DIR]
 
 For each vocabulary and layer count (random-weight Llama, hidden 64, as in ``step_cost.py``):
-plain ``generate``, light tracing, light with every score row copied (as before the recorder held
-rows uncopied: what those per-step device ops cost), light without the KV-cache readings, HF
+plain ``generate``, light tracing, light without the KV-cache readings, HF
 ``output_scores``+``output_logits`` and bare no-op hooks on every layer, interleaved, ``rounds``
 rounds after one warm-up; then light with its statistics copied to the host unpinned (plain
 ``.to("cpu")``) instead of into pinned memory.  Reports ms added per step by the least disturbed
@@ -37,13 +36,9 @@ import overhead as ov  # noqa: E402
 import step_cost as sc  # noqa: E402
 from tracer import RecordConfig  # noqa: E402
 from tracer import _device  # noqa: E402
-from tracer import _hf_compat  # noqa: E402
 from tracer import recorder as _recorder  # noqa: E402
 from tracer import stage_stats as _stage_stats  # noqa: E402
 from tracer.jsonio import write_json_atomic  # noqa: E402
-
-
-reads_scores_only = _hf_compat.reads_scores_only
 
 
 def _unpinned(t: torch.Tensor) -> torch.Tensor:
@@ -63,12 +58,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev, n = torch.device(args.device), args.tokens
-    target = Path(args.out)
-
-    def write(out: dict[str, Any]) -> None:
-        target.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(target / "step_split.json", out, indent=1)
-
     finishes: list[float] = []
     original_finish = _recorder.StepRecorder.finish
 
@@ -85,18 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return ov._timed(run, s, n).seconds  # step_cost's timing: synchronised, young garbage collected first
 
     light = ov.traced(RecordConfig())
-
-    def light_copied(s: ov.Subject, new_tokens: int) -> Any:
-        """Light with every score row copied (as before rows were held uncopied)."""
-        _hf_compat.reads_scores_only = lambda processor: False
-        try:
-            return light(s, new_tokens)
-        finally:
-            _hf_compat.reads_scores_only = reads_scores_only
-
-    configs = {"plain": ov.run_plain, "light": light, "light_copied": light_copied,
-               "light_no_cache": ov.traced(RecordConfig(cache=False)), "hf_scores": ov.run_hf_scores,
-               "hooks": sc.run_hooks}
+    configs = {"plain": ov.run_plain, "light": light, "light_no_cache": ov.traced(RecordConfig(cache=False)),
+               "hf_scores": ov.run_hf_scores, "hooks": sc.run_hooks}
     out: dict[str, Any] = {"machine": ov.machine_info(dev), "tokens": n, "rounds": args.rounds, "results": {}}
     _recorder.StepRecorder.finish = timed_finish
     try:
@@ -131,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key = f"vocab {vocab}, {layers} layers"
                 out["results"][key] = row
                 print(key, json.dumps(row), flush=True)
-                write(out)  # after every configuration: a run cut short keeps what it measured
                 if args.profile and i == 0:
                     prof = cProfile.Profile()
                     prof.enable()
@@ -144,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 del s
     finally:
         _recorder.StepRecorder.finish = original_finish
-    write(out)
+    target = Path(args.out)
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target / "step_split.json", out, indent=1)
     return out
 
 

@@ -16,8 +16,6 @@ Touches:
   :data:`BEAM_METHODS`, ``tracer.beam``);
 * ``GenerationMixin._get_candidate_generator`` and the returned generator's ``get_candidates`` /
   ``update_candidate_strategy`` (assisted decoding, read only: ``tracer.assisted``);
-* which of transformers' own logits processors only read the scores they are given
-  (:data:`READ_ONLY_PROCESSORS`: the recorder keeps a reference to the row before them, not a copy);
 * ``PretrainedConfig._attn_implementation`` (the active attention implementation's name);
 * ``AttentionInterface`` / ``masking_utils.AttentionMaskInterface`` /
   ``ALL_MASK_ATTENTION_FUNCTIONS`` (registering the recording attention function);
@@ -59,8 +57,6 @@ __all__ = [
     "make_criteria_list",
     "make_processor_list",
     "mask_function",
-    "READ_ONLY_PROCESSORS",
-    "reads_scores_only",
     "registered_attention_function",
     "routes_attention_interface",
     "non_softmax_layers",
@@ -292,31 +288,6 @@ def make_processor_list(base: type, on_scores: Callable[[Any, torch.Tensor], Non
             return scores
 
     return RecordingLogitsProcessorList
-
-
-#: where transformers' own logits processors live
-_HF_PROCESSORS_MODULE = "transformers.generation.logits_process"
-
-#: transformers' own logits processors that never write the scores tensor they are given (each
-#: returns a new tensor; on ``generate``'s 2-D scores): the recorder keeps a reference to the row
-#: a processor of these receives instead of copying it.  Checked class by class against the
-#: installed transformers (``tests/test_hf_compat.py``), and at run time by the kept row's version
-#: counter: a row written after all stops the recording at its step, never records wrong values.
-READ_ONLY_PROCESSORS = frozenset({
-    "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "TemperatureLogitsWarper",
-    "RepetitionPenaltyLogitsProcessor", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper",
-    "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "NoRepeatNGramLogitsProcessor",
-    "SequenceBiasLogitsProcessor", "NoBadWordsLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
-    "ForcedEOSTokenLogitsProcessor", "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty",
-    "LogitNormalization", "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor",
-})
-
-
-def reads_scores_only(processor: Any) -> bool:
-    """Whether ``processor`` is one of transformers' own that only read their scores (by exact
-    class: a subclass defined elsewhere may write them)."""
-    kind = type(processor)
-    return kind.__module__ == _HF_PROCESSORS_MODULE and kind.__name__ in READ_ONLY_PROCESSORS
 
 
 #: where transformers' own stopping criteria live: each returns a new tensor on every call

@@ -15,8 +15,7 @@ Events, in the order ``generate`` produces them per step::
     → stop_check(input_ids, is_done, fired)
 
 Small tensors stay on the device until :meth:`StepRecorder.finish` (one host transfer, no
-per-step synchronisation).  A step only holds its score rows in a pool (uncopied where nothing
-may write them, :data:`~tracer._hf_compat.READ_ONLY_PROCESSORS`); their statistics
+per-step synchronisation).  A step only copies its score rows into a pool; their statistics
 (top-k, log-sum-exp, entropy, KL, chosen rank and log-prob) are computed for many steps at once
 (:mod:`tracer.stage_stats`).  A failure inside recording stops recording, never generation.
 """
@@ -91,7 +90,6 @@ class StepRecorder:
         # id(processor) -> (stage name, its settings); id(None): the raw logits
         self.stage_meta: dict[int, tuple[str, dict[str, Any]]] = {id(None): ("logits", {})}
         self.n_stages = 1
-        self.by_ref: tuple[bool, ...] = ()
         self.sampled = False
         self.cur: _StepScratch | None = None
         self.done: list[FinishedStep] = []
@@ -171,8 +169,6 @@ class StepRecorder:
         # same objects every step (and reading a CUDA tensor parameter would synchronise the device)
         self.stage_meta.update({id(p): (type(p).__name__, stage_params(p)) for p in processors})
         self.n_stages = len(processors) + 1  # score rows per step: the logits, then each processor
-        # per stage: whether its row may be held uncopied (what receives it next only reads it)
-        self.by_ref = tuple(hf.reads_scores_only(p) for p in processors) + (True,)
         self.pool = RowPool(self.config.top_k, self.n_stages)
         batch = 1 if self.prompt_ids is None else self.prompt_ids.shape[0]
         batch *= max(int(getattr(generation_config, "num_return_sequences", 1) or 1), 1)
@@ -282,14 +278,10 @@ class StepRecorder:
                     self._put_blob(blob_key("values", step.index, i), layers[i].values[..., :kept, :])
 
     def _stage(self, processor: Any, scores: torch.Tensor) -> None:
-        """Hold the stage's scores row in the pool: the tensor itself when what receives it next
-        only reads it (one of transformers' own read-only processors, or generate after the last),
-        else a copy (a later processor may write in place); its statistics are computed later,
-        with other steps' (:mod:`tracer.stage_stats`)."""
+        """Keep a copy of the stage's scores row in the pool (a later processor may write in
+        place); its statistics are computed later, with other steps' (:mod:`tracer.stage_stats`)."""
         step = self.cur
         last = step.last_scores
-        s = len(step.stages)
-        by_ref = s < len(self.by_ref) and self.by_ref[s]
         try:
             version = scores._version
         except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
@@ -297,10 +289,8 @@ class StepRecorder:
         if step.n_rows and ((scores is last and version is not None and version == step.last_version)
                             or (scores is not last and scores.is_cpu and torch.equal(scores, last))):
             step.row_of.append(step.row_of[-1])  # a processor that changed nothing: same row
-            if not by_ref:  # the row held uncopied goes next to a processor that may write it
-                self.pool.secure(step.first_row + step.row_of[-1], step.index)
         else:
-            row = self.pool.keep(scores.detach() if scores.requires_grad else scores, copy=not by_ref)
+            row = self.pool.keep(scores.detach() if scores.requires_grad else scores)
             if not step.n_rows:
                 step.first_row = row
                 if self.config.full_logits:

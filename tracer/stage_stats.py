@@ -1,11 +1,9 @@
 """Stage statistics of many decode steps at once: the score rows' pool (issue 19).
 
 Each stage of a step (the raw logits, then every processor that changed them) leaves one score
-row `(B, V)`.  The step recorder holds each distinct row in a :class:`RowPool` and does nothing
-else with it during the step: the tensor itself when the next processor is one of transformers'
-own that only read their scores (or there is none), a copy when it may write in place (checked
-by the version counter when the row is read).  When the held rows near :data:`ROW_POOL_BYTES`,
-and at the end, :meth:`RowPool.flush` computes the statistics of every waiting row in a
+row `(B, V)`.  The step recorder copies each distinct row into a :class:`RowPool` (a later
+processor may write in place) and does nothing else with it during the step.  When the pool
+fills, and at the end, :meth:`RowPool.flush` computes the statistics of every waiting row in a
 few batched ops per group of whole steps: top-k, log-sum-exp, entropy, KL against the step's
 previous row, count of ``-inf`` entries, the chosen token's rank and log-prob.
 
@@ -46,20 +44,15 @@ class Waiting(NamedTuple):
 
 
 class RowPool:
-    """Score rows waiting for their statistics, and the steps they belong to.
-
-    A row is held as the tensor the stage produced when nothing may write it before the
-    statistics read it (:meth:`keep` with ``copy=False``; its version counter is checked then),
-    else as a copy.  Holding references costs no device op a step; rows are stacked per group."""
+    """Score rows waiting for their statistics, and the steps they belong to."""
 
     def __init__(self, top_k: int, n_stages: int):
         self.top_k = top_k
         self.n_stages = n_stages
-        # (row, the version it was kept at: None for a copy) per held row, oldest first
-        self.held: list[tuple[torch.Tensor, int | None]] = []
-        self.bytes = 0  # of the held rows
-        self.shape: torch.Size | None = None  # every row's (B, V)
-        self.pending: list[Waiting] = []  # steps whose rows are held
+        self.rows: torch.Tensor | None = None  # (capacity, B, V)
+        self._fits: tuple = (0, None, None)  # (capacity, dtype, row shape) of rows: the fast path's test
+        self.used = 0
+        self.pending: list[Waiting] = []  # steps whose rows wait in the pool
         self.lost_from: int | None = None  # the first step whose statistics a failed flush dropped
         self.groups: list[tuple[list, int, dict]] = []  # (steps, first row, host statistics) per group
 
@@ -67,95 +60,71 @@ class RowPool:
     def waiting(self) -> bool:
         return bool(self.pending or self.groups)
 
-    def keep(self, scores: torch.Tensor, copy: bool = True) -> int:
-        """Hold ``scores`` as the next row (a copy, or with ``copy=False`` the tensor itself, with
-        its version counter: a view of a larger tensor, or a tensor without a version counter,
-        is copied anyway); its index."""
-        if scores.shape != self.shape:
-            if self.shape is not None:
-                raise RuntimeError(f"score rows changed shape during generation: {tuple(self.shape)} -> "
-                                   f"{tuple(scores.shape)}")
-            self.shape = scores.shape
-        if not copy and scores._base is None:
-            try:
-                held = (scores, scores._version)
-            except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
-                held = (scores.clone(), None)
-        else:
-            held = (scores.clone(), None)
-        self.held.append(held)
-        self.bytes += scores.numel() * scores.element_size()
-        return len(self.held) - 1
-
-    def secure(self, row: int, step: int) -> None:
-        """Copy held row ``row`` (of step ``step``) if it is held by reference: what receives it
-        next may write it.  Written already, it is an error (a copy now would hide that)."""
-        tensor, version = self.held[row]
-        if version is not None:
-            if tensor._version != version:
-                raise RuntimeError(_written_message(step))
-            self.held[row] = (tensor.clone(), None)
+    def keep(self, scores: torch.Tensor) -> int:
+        """Copy ``scores`` into the next row; its index.  The pool is made on the first row (room
+        for :data:`ROW_POOL_BYTES`, at least one step), and grows (a step with more rows than
+        stages) or widens (a processor returned a wider dtype) keeping the rows it holds."""
+        used = self.used
+        capacity, dtype, shape = self._fits
+        if used < capacity and scores.dtype == dtype and scores.shape == shape:  # the common case, kept short
+            self.rows[used].copy_(scores)
+            self.used = used + 1
+            return used
+        rows = self.rows
+        dtype = scores.dtype if rows is None else torch.promote_types(rows.dtype, scores.dtype)
+        if rows is not None and tuple(rows.shape[1:]) != tuple(scores.shape):
+            raise RuntimeError(f"score rows changed shape during generation: {tuple(rows.shape[1:])} -> "
+                               f"{tuple(scores.shape)}")
+        if rows is None or self.used == rows.shape[0] or dtype != rows.dtype:
+            row_bytes = max(scores.numel() * torch.empty((), dtype=dtype).element_size(), 1)
+            size = max(self.n_stages, ROW_POOL_BYTES // row_bytes) if rows is None else rows.shape[0] + self.n_stages
+            fresh = torch.empty((size, *scores.shape), dtype=dtype, device=scores.device)
+            if rows is not None and self.used:
+                fresh[: self.used].copy_(rows[: self.used])
+            self.rows = fresh
+            self._fits = (fresh.shape[0], fresh.dtype, fresh.shape[1:])
+        self.rows[self.used].copy_(scores)
+        self.used += 1
+        return self.used - 1
 
     def add(self, step: Waiting) -> None:
-        """A finished step whose rows are held; flushes when another step might exceed
-        :data:`ROW_POOL_BYTES`."""
+        """A finished step whose rows are in the pool; flushes when another step might not fit."""
         self.pending.append(step)
-        last = self.held[-1][0]
-        if self.bytes + self.n_stages * last.numel() * last.element_size() > ROW_POOL_BYTES:
+        if self.rows.shape[0] - self.used < self.n_stages:
             self.flush()
-
-    def _written(self, w: Waiting) -> int | None:
-        """The first of ``w``'s stages whose row, held by reference, was written since."""
-        for k, r in enumerate(w.row_of):
-            tensor, version = self.held[w.first_row + r]
-            if version is not None and tensor._version != version:
-                return k
-        return None
 
     def flush(self) -> None:
         """Every waiting step's statistics, in groups of whole steps of about
-        :data:`STATS_GROUP_BYTES`; the rows are released.  On an error the steps not yet
+        :data:`STATS_GROUP_BYTES`; the pool is free again.  On an error the steps not yet
         computed are dropped (``lost_from``: the first of them); interrupted (Ctrl-C) they stay
-        waiting, their rows held, for the flush at the end.  A step one of whose rows held by
-        reference was written after its stage (found by the version counter) is an error there:
-        the steps before it are computed, it and those after are not."""
-        pending = self.pending
+        waiting, their rows in place, for the flush at the end."""
+        pending, used = self.pending, self.used
         if not pending:
-            self.held, self.bytes = [], 0
+            self.used = 0
             return
-        bad, stage = next(((j, k) for j, w in enumerate(pending) if (k := self._written(w)) is not None),
-                          (len(pending), None))
-        tensor = self.held[pending[0].first_row][0]
-        width = max(int(tensor.numel()) * tensor.element_size(), 1)
+        width = max(int(self.rows[0].numel()) * self.rows.element_size(), 1)
         group_rows = max(STATS_GROUP_BYTES // width, 1)
         start = 0
         try:
-            while start < bad:
+            while start < len(pending):
                 end, rows = start, 0
-                while end < bad and (end == start or rows < group_rows):
+                while end < len(pending) and (end == start or rows < group_rows):
                     rows += pending[end].n_rows
                     end += 1
                 self._group(pending[start:end], group_rows)
                 start = end
-            if stage is not None:
-                w = pending[bad]
-                raise RuntimeError(_written_message(w.done.index, w.stages[stage][0]))
         except Exception:
-            self.pending, self.held, self.bytes, self.lost_from = [], [], 0, pending[start].done.index
+            self.pending, self.used, self.lost_from = [], 0, pending[start].done.index
             raise
         except BaseException:
-            self.pending = pending[start:]
+            self.pending, self.used = pending[start:], used
             raise
-        self.pending, self.held, self.bytes = [], [], 0
+        self.pending, self.used = [], 0
 
     def _group(self, group: list[Waiting], group_rows: int) -> None:
         first = group[0].first_row
         n = group[-1].first_row + group[-1].n_rows - first  # the group's rows are consecutive
-        rows = [t for t, _ in self.held[first : first + n]]
-        dtype = rows[0].dtype
-        for t in rows:
-            dtype = torch.promote_types(dtype, t.dtype)  # a processor may return a wider dtype
-        x = torch.stack([t if t.dtype == dtype else t.to(dtype) for t in rows])  # (n, B, V)
+        x = self.rows[first : first + n]  # (n, B, V)
         chosen = torch.cat([w.done.chosen.view(1, -1).expand(w.n_rows, -1) for w in group])  # (n, B)
         # On a CPU every reduction needs two rows at least (KL's too, over rows 1..): one row
         # alone would be split across threads.  On an accelerator every group has one size (a
@@ -216,13 +185,6 @@ class RowPool:
                     logps.append(got["logp"])
                     prev = r
                 w.done.ranks, w.done.logps, w.done.stages = ranks_, logps, stages  # stages last: "computed"
-
-
-def _written_message(step: int, stage: str | None = None) -> str:
-    what = f"the {stage} scores of step {step}" if stage else f"scores of step {step}"
-    return (f"{what} were written in place after their stage (by a later processor or by generate), so "
-            "their statistics cannot be computed; tracer keeps, uncopied, the rows that transformers' own "
-            "processors only read")
 
 
 def count_neginf(x: torch.Tensor) -> torch.Tensor:
