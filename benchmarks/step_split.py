@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev, n = torch.device(args.device), args.tokens
+    target = Path(args.out)
+
+    def write(out: dict[str, Any]) -> None:
+        write_json_atomic(target / "step_split.json", out, indent=1)
+
     finishes: list[float] = []
     original_finish = _recorder.StepRecorder.finish
 
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 key = f"vocab {vocab}, {layers} layers"
                 out["results"][key] = row
                 print(key, json.dumps(row), flush=True)
+                write(out)  # after every vocabulary and layer count: a run cut short keeps what it measured
                 if args.profile and i == 0:
                     prof = cProfile.Profile()
                     prof.enable()
@@ -122,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 del s
     finally:
         _recorder.StepRecorder.finish = original_finish
-    target = Path(args.out)
-    target.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target / "step_split.json", out, indent=1)
+    write(out)
     return out
 
 

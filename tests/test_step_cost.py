@@ -260,6 +260,24 @@ def test_step_split_on_cpu_quick(tmp_path, one_thread):
     assert stage_stats.to_host is _device.to_host and recorder.StepRecorder.finish.__name__ == "finish"
 
 
+def test_step_split_cut_short_keeps_what_it_measured(tmp_path, one_thread, monkeypatch):
+    """The JSON is written after every vocabulary and layer count: a run stopped later (a lent
+    GPU's time limit) keeps the rows it finished."""
+    split = _load("step_split")
+    build = split.sc.llama_subject
+
+    def second_fails(layers, *a, **k):
+        if layers == 2:
+            raise RuntimeError("out of lent time")
+        return build(layers, *a, **k)
+
+    monkeypatch.setattr(split.sc, "llama_subject", second_fails)
+    with pytest.raises(RuntimeError, match="out of lent time"):
+        split.main(["--rounds", "1", "--tokens", "3", "--vocab", "256", "--layers", "1,2", "--out", str(tmp_path)])
+    kept = json.loads((tmp_path / "step_split.json").read_text())["results"]
+    assert list(kept) == ["vocab 256, 1 layers"] and kept["vocab 256, 1 layers"]["light_end_ms_per_step"] > 0
+
+
 def test_a_failed_pack_keeps_the_step_that_packs(monkeypatch):
     """Packing runs last in a step's end: if it fails (out of memory), that step is whole and
     recording stops at the next one, which the note names; generation is unchanged."""
