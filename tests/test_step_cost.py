@@ -112,13 +112,13 @@ def test_divergence_names_the_sequence_that_parts():
 
     import numpy as np
 
-    sc = _load("step_cost")
+    ov = _load("overhead")
     top = types.SimpleNamespace(ids=np.array([[4, 5], [8, 9]]), values=np.array([[3.0, 1.0], [2.5, 2.25]]))
     trace = types.SimpleNamespace(num_steps=2, steps=[None, types.SimpleNamespace(stages=[types.SimpleNamespace(top=top)])])
     ref = torch.tensor([[1, 2, 4, 4], [1, 2, 9, 9]])
     ids = torch.tensor([[1, 2, 4, 4], [1, 2, 9, 8]])
-    assert sc._divergence(ids, ref, trace) == {"step": 1, "sequence": 1, "top2_ids": [8, 9], "top2_gap": 0.25,
-                                               "reference_token": 9}
+    assert ov.divergence(ids, ref, trace) == {"step": 1, "sequence": 1, "top2_ids": [8, 9], "top2_gap": 0.25,
+                                             "reference_token": 9}
 
 
 @pytest.mark.gpu
