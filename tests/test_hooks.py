@@ -350,6 +350,27 @@ def test_in_place_processor_is_recorded(tiny_model):
         assert 5 not in ban.after.ids[0][np.isfinite(ban.after.values[0])]
 
 
+class _WritesThenCopies(LogitsProcessor):
+    """Writes the scores it is given in place, then returns a copy of them."""
+
+    def __call__(self, input_ids, scores):
+        scores[:, 5] = -float("inf")
+        return scores.clone()
+
+
+def test_a_processor_writing_its_input_then_returning_a_copy_is_recorded(tiny_model):
+    """Its output equals its (written) input, yet it changed the scores: it must not be taken
+    for a processor that changed nothing and share the previous stage's row (found by review:
+    the logits row unmasked was recorded for it, n_masked 0)."""
+    inputs = make_inputs(batch=1, seq=5)
+    _, trace = _traced(tiny_model, inputs, do_sample=False, max_new_tokens=3,
+                       logits_processor=LogitsProcessorList([_WritesThenCopies()]))
+    for step in trace.steps:
+        raw, ban = step.stages[0], next(s for s in step.stages if s.name == "_WritesThenCopies")
+        assert int(raw.n_masked[0]) == 0 and int(ban.n_masked[0]) == 1
+        assert ban.kl[0] > 0 and 5 not in ban.top.ids[0][np.isfinite(ban.top.values[0])]
+
+
 def test_recording_failure_never_changes_generation(tiny_model, monkeypatch):
     from tracer.recorder import StepRecorder
 
