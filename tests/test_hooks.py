@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import tracer
 from tracer import MemoryBudgetError, NotSupportedError, RecordConfig
@@ -428,3 +428,58 @@ def test_hidden_layers_alone_hook_only_those_layers():
     assert t.trace.hidden(2, 1).shape == (1, 64)
     with pytest.raises(KeyError):
         t.trace.hidden(2, 0)
+
+
+class _BansTopThroughData(LogitsProcessor):
+    """Bans the best token by writing through ``.data`` (the version counter does not move) and
+    returns the very tensor it was given."""
+
+    def __call__(self, input_ids, scores):
+        scores.data[torch.arange(scores.shape[0]), scores.argmax(-1)] = -float("inf")
+        return scores
+
+
+def test_a_write_the_version_counter_misses_is_still_recorded_on_a_cpu(tiny_model):
+    """The same tensor back with its version counter unmoved is not proof of a no-op: on a CPU
+    the stage is compared with the previous row as recorded (found by an attack: the banned token
+    was recorded as the stage's best, n_masked 0, KL 0, the chosen token's rank 1)."""
+    inputs = make_inputs(batch=1, seq=5)
+    out, trace = _traced(tiny_model, inputs, do_sample=False, max_new_tokens=3,
+                         logits_processor=LogitsProcessorList([_BansTopThroughData()]))
+    for step in trace.steps:
+        raw, ban = step.stages[0], step.stages[-1]
+        assert ban.name == "_BansTopThroughData"
+        assert int(raw.n_masked[0]) == 0 and int(ban.n_masked[0]) == 1 and ban.kl[0] > 0
+        assert int(ban.top.ids[0][0]) == int(raw.top.ids[0][1]) == int(step.chosen[0])
+        assert int(ban.chosen_rank[0]) == 0
+
+
+class _Counts(StoppingCriteria):
+    """Returns an integer tensor: 2 at the second step (truthy, yet ``1 & ~2`` keeps generating),
+    3 at the fourth (odd: stops)."""
+
+    eos_token_id = None  # an attribute of that name, not an end-of-sequence check
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), {2: 2, 4: 3}.get(self.calls, 0))
+
+
+def test_a_criterion_returning_integers_is_read_as_generate_reads_it(tiny_model):
+    """generate keeps a sequence while ``unfinished & ~is_done`` is 1: an even integer does not
+    stop it, an odd one does (found by an attack: a 2 was recorded as a stop at step 1, with the
+    generated ids cut there); and a criterion is an end-of-sequence stop only if it holds the
+    chosen token, not because it has an ``eos_token_id`` attribute."""
+    inputs = make_inputs(batch=1, seq=5)
+    plain = _generate(tiny_model, inputs, max_new_tokens=6, min_new_tokens=0,
+                      stopping_criteria=StoppingCriteriaList([_Counts()]))
+    out, trace = _traced(tiny_model, inputs, max_new_tokens=6, min_new_tokens=0,
+                         stopping_criteria=StoppingCriteriaList([_Counts()]))
+    assert torch.equal(out, plain) and out.shape[1] == 5 + 4  # stopped at the fourth step
+    assert [bool(s.finished[0]) for s in trace.steps] == [False, False, False, True]
+    assert [bool(s.active[0]) for s in trace.steps] == [True] * 4
+    assert trace.generated_ids(0).tolist() == out[0, 5:].tolist()
+    assert trace.stop_reasons[0].kind == "criteria" and trace.stop_reasons[0].text == "_Counts"

@@ -209,10 +209,18 @@ def _active_finished(is_done: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     at once instead of two device ops a step."""
     if not is_done:
         return np.zeros((0, 0), bool), np.zeros((0, 0), bool)
-    done = np.stack([np.asarray(x, dtype=bool).reshape(-1) for x in is_done])
+    done = np.stack([_stops(x) for x in is_done])
     active = np.ones_like(done)
     np.logical_not(np.logical_or.accumulate(done[:-1], axis=0), out=active[1:])
     return active, active & done
+
+
+def _stops(x: Any) -> np.ndarray:
+    """What a stopping result means to generate, per sequence: generate keeps a sequence while
+    ``unfinished & ~is_done`` is 1, so a bool stops it when True and an integer (a criterion may
+    return one) only when odd: 2 is truthy, yet ``1 & ~2 == 1`` generates on."""
+    a = np.asarray(x).reshape(-1)
+    return a if a.dtype == bool else (a.astype(np.int64) & 1).astype(bool)
 
 
 def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "_ReasonOf",
@@ -275,7 +283,8 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "
 def stop_reason_of(criteria: Any, token_id: int, token_text: str) -> StopReason:
     """The :class:`StopReason` a stopping criterion stands for when it fired on ``token_id``."""
     name = type(criteria).__name__
-    if hasattr(criteria, "eos_token_id"):
+    eos = getattr(criteria, "eos_token_id", None)
+    if eos is not None and token_id in _np(eos).reshape(-1).tolist():  # it stops on the token it holds
         return StopReason("eos", token_id, token_text)
     if name == "MaxLengthCriteria":
         return StopReason("max_length")
@@ -295,7 +304,7 @@ class _ReasonOf:
 
     def __call__(self, fired: list, chosen: np.ndarray, finished: np.ndarray,
                  host: "_HostCopies") -> tuple[StopReason | None, ...]:
-        results = [(c, host(r).astype(bool).reshape(-1)) for c, r in fired]
+        results = [(c, _stops(host(r))) for c, r in fired]
         reasons: list[StopReason | None] = []
         for b in range(chosen.shape[0]):
             if not finished[b]:

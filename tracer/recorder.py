@@ -286,12 +286,14 @@ class StepRecorder:
             version = scores._version
         except RuntimeError:  # an inference tensor (torch.inference_mode) has no version counter
             version = None
-        # a processor that changed nothing: the same tensor unwritten, or (on a CPU) equal values to
-        # the previous stage's row as recorded (not to that tensor: the processor may have written
-        # it in place before returning a copy)
-        if step.n_rows and ((scores is last and version is not None and version == step.last_version)
-                            or (scores is not last and scores.is_cpu
-                                and torch.equal(scores, self.pool.rows[step.first_row + step.row_of[-1]]))):
+        # a processor that changed nothing.  On a CPU: equal values to the previous stage's row as
+        # recorded (not to that tensor: the processor may have written it in place and returned a
+        # copy, or written it through `.data` or numpy, which leaves its version counter as it was).
+        # On an accelerator (a comparison would wait for the device): the same tensor, its version
+        # counter unmoved
+        if step.n_rows and ((torch.equal(scores, self.pool.rows[step.first_row + step.row_of[-1]])
+                             if scores.is_cpu else
+                             (scores is last and version is not None and version == step.last_version))):
             step.row_of.append(step.row_of[-1])
         else:
             row = self.pool.keep(scores.detach() if scores.requires_grad else scores)

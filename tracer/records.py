@@ -89,7 +89,7 @@ class ProcessorEffect:
     params: Mapping[str, Any]
     before: TopK
     after: TopK
-    newly_masked: np.ndarray  # (B,) int64, tokens this processor sent to -inf
+    newly_masked: np.ndarray  # (B,) int64, -inf entries it added: n_masked after - before, 0 if fewer (net: one that also unmasks shows the difference)
     chosen_rank_before: np.ndarray  # (B,) int64
     chosen_rank_after: np.ndarray  # (B,) int64
     chosen_prob_before: np.ndarray  # (B,) float32
