@@ -406,6 +406,11 @@ def _check_identical(name: str, ids: torch.Tensor, reference: torch.Tensor, trac
     return same
 
 
+def _strict(s: Subject, strict: bool | None) -> bool:
+    """``strict`` as given, else on unless ``s`` is on a GPU (see :func:`_check_identical`)."""
+    return s.device.type != "cuda" if strict is None else strict
+
+
 def first_difference(ids: torch.Tensor, reference: torch.Tensor) -> int | None:
     """Index of the first differing column (position in the sequence), None where equal."""
     n = min(ids.shape[-1], reference.shape[-1])
@@ -467,7 +472,7 @@ def measure_overhead(
     errors: dict[str, str] = {}
 
     reference = None  # plain generate's ids: every configuration must produce them
-    strict = s.device.type != "cuda" if strict is None else strict
+    strict = _strict(s, strict)
     partings: dict[str, list[dict[str, Any]]] = {}
 
     def check(name: str, t: _Timed) -> bool:
@@ -602,8 +607,7 @@ def measure_growth(
                         last_ids = t.ids
                     del t
             assert reference is not None and last_trace is not None
-            same = _check_identical("light", last_ids, reference, last_trace, n,
-                                    strict=s.device.type != "cuda" if strict is None else strict)
+            same = _check_identical("light", last_ids, reference, last_trace, n, strict=_strict(s, strict))
             in_memory = trace_nbytes(last_trace)
             save_s, load_s = [], []
             path = Path(tmp) / f"light-{n}.trace"
@@ -933,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
         builders.append(("Llama-3-8B-shaped (random weights)", llama3_8b_shaped_subject))
     def save() -> str:
         """latest.json and latest.md as they stand: written after every section, so a run cut
-        short (a lent GPU's time limit, a late failure) keeps the subjects it finished"""
+        short (a lent GPU's time limit, a late failure) keeps the sections it finished"""
         md = render_markdown(results)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out / "latest.json", results, indent=1)

@@ -166,13 +166,11 @@ def measure(subjects: dict[str, ov.Subject], configs: dict[str, ov.Runner], *, n
             g = len(groups[sname])
             groups[sname].append(ids)
         runs[(sname, c)].append(g)
-        # strict: raises where the ids differ from plain's; else only where the trace does not hold
-        # this run's own output
-        same = ov._check_identical(c, ids, reference[sname] if strict else ids, t.trace, new_tokens)
-        if not strict:
-            same = ids.shape == reference[sname].shape and torch.equal(ids, reference[sname])
-            if not same and t.trace is not None:
-                partings.setdefault((sname, c), []).append(ov.divergence(ids, reference[sname], t.trace))
+        # strict: raises where the ids differ from plain's; else records where (either way a trace
+        # must hold this run's own output)
+        same = ov._check_identical(c, ids, reference[sname], t.trace, new_tokens, strict=strict)
+        if not same and not strict and t.trace is not None:
+            partings.setdefault((sname, c), []).append(ov.divergence(ids, reference[sname], t.trace))
         return same
     first_run: dict[str, torch.Tensor] = {}
     for sname, subj in subjects.items():
