@@ -235,3 +235,27 @@ def test_attention_interface_detection():
           "modeling_llama.ALL_ATTENTION_FUNCTIONS")
     bloom = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
     _need(not hf.routes_attention_interface(hf.attention_module(bloom.transformer.h[0])), "Bloom's own attention")
+
+
+def test_generate_prepares_inputs_right_before_each_of_its_forwards():
+    """tracer tells generate's own forward from a model call between its steps by the
+    `prepare_inputs_for_generation` call generate makes right before each forward."""
+    model = make_tiny_llama()
+    events: list[str] = []
+    original = getattr(model, hf.PREPARE_INPUTS_METHOD)
+
+    def prepare(*args, **kwargs):
+        events.append("prepare")
+        return original(*args, **kwargs)
+
+    prepare.__wrapped__ = original
+    setattr(model, hf.PREPARE_INPUTS_METHOD, prepare)
+    handle = model.register_forward_pre_hook(lambda *a: events.append("forward"))
+    try:
+        model.generate(**make_inputs(batch=1, seq=5), do_sample=False, max_new_tokens=4, min_new_tokens=4,
+                       pad_token_id=0)
+    finally:
+        handle.remove()
+        del model.__dict__[hf.PREPARE_INPUTS_METHOD]
+    _need(events == ["prepare", "forward"] * 4,
+          f"generate calling {hf.PREPARE_INPUTS_METHOD} right before each of its forwards (saw {events})")

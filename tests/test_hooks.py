@@ -409,6 +409,33 @@ def test_model_calls_inside_a_processor_are_not_the_step(tiny_model):
         assert step.logit_lens.chosen_rank[-1, 0] == step.stages[0].chosen_rank[0]
 
 
+
+def test_model_calls_between_steps_are_not_the_next_step(tiny_model):
+    """A streamer that calls the model in put() (after each step's stopping criteria, before the
+    next step's forward): the steps keep generate's own inputs, cache and attention."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class CallsTheModel(BaseStreamer):
+        def put(self, value):
+            with torch.no_grad():
+                tiny_model(torch.tensor([[3, 4, 5, 6, 7, 8, 9]]))
+
+        def end(self):
+            pass
+
+    inputs = make_inputs(batch=1, seq=5)
+    kw = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    ref = _generate(tiny_model, inputs, **kw)
+    out, trace = _traced(tiny_model, inputs, record=RecordConfig(modules=True, attention=True),
+                         streamer=CallsTheModel(), **kw)
+    assert torch.equal(ref, out)
+    assert len(trace.steps) == 5
+    for i, step in enumerate(trace.steps[1:], start=1):
+        assert step.inputs.input_ids.tolist() == [[int(trace.steps[i - 1].chosen[0])]]
+        assert step.inputs.cache_len_before == 5 + i - 1
+    assert [trace.attention(s, 0).shape[-1] for s in range(5)] == [5, 6, 7, 8, 9]
+    assert any("model call(s) between generate's steps" in n for n in trace.meta.notes)
+
 def test_trace_generate_leaves_the_tokenizer_alone(llama3_tokenizer, tiny_model):
     tok = llama3_tokenizer
     pad, side = tok.pad_token, tok.padding_side

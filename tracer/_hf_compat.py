@@ -41,6 +41,7 @@ from .errors import NotSupportedError
 
 __all__ = [
     "LOGITS_PROCESSOR_METHOD",
+    "PREPARE_INPUTS_METHOD",
     "STOPPING_CRITERIA_METHOD",
     "BEAM_METHODS",
     "CANDIDATE_GENERATOR_METHOD",
@@ -68,6 +69,10 @@ __all__ = [
 
 LOGITS_PROCESSOR_METHOD = "_get_logits_processor"
 STOPPING_CRITERIA_METHOD = "_get_stopping_criteria"
+#: generate calls this right before each of its own model forwards (prefill and every decoding
+#: step): the marker that tells generate's forward from a model call made between its steps
+#: (e.g. by a streamer).  A public method; what tracer relies on is that ordering.
+PREPARE_INPUTS_METHOD = "prepare_inputs_for_generation"
 SUPPORT_RULE = ("tracer needs a decoder-only causal LM whose decoder (get_decoder()) holds its layers as "
                 "`layers`, `h` or `blocks` (Llama, GPT-2, GPT-NeoX, OPT, Falcon, Bloom, MPT layouts)")
 

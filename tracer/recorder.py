@@ -10,6 +10,7 @@ model (``tests/test_recorder_events.py``).
 Events, in the order ``generate`` produces them per step::
 
     configure(generation_config, processors, input_len, model_kwargs)   # once, may refuse
+    prepared()   # generate prepares its inputs: the next forward is its own (gated recorders)
     forward_start(args, kwargs) → layer_output(i, hidden)… / point("embed"|"norm", hidden)
     → forward_end(output, kwargs) → scores(None, logits) → scores(processor, scores)…
     → stop_check(input_ids, is_done, fired)
@@ -75,7 +76,7 @@ class StepRecorder:
 
     def __init__(self, plan: ModelPlan, config: RecordConfig, *, tokenizer: Any = None,
                  input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 prompts: Sequence[str] | None = None):
+                 prompts: Sequence[str] | None = None, gated: bool = False):
         self.plan = plan
         self.config = config
         self.tokenizer = tokenizer
@@ -108,6 +109,11 @@ class StepRecorder:
         self.own_forward = False  # inside this step's own model forward (not a nested call)
         self.nested = 0  # model calls made while a step is open (e.g. by a guidance processor)
         self.suspended = 0  # > 0 while the recorder runs model parts itself (logit lens)
+        # gated: a step opens only at a forward that generate prepared (`prepared`); a model call
+        # between steps (a streamer's, say) is then not taken for the next step's forward
+        self.gated = gated
+        self.armed = False
+        self.outside = 0  # model calls between steps, not recorded
         # a step's end does more than light's bookkeeping (model parts, device values, blobs)
         self.heavy = bool(plan.lens_layers or config.modules or plan.hidden_layers or config.full_logits
                           or plan.attention is not None or plan.routing is not None)
@@ -189,13 +195,20 @@ class StepRecorder:
         self.generation_config = generation_config
 
     # -- events ------------------------------------------------------------------------
+    def prepared(self) -> None:
+        if self.cur is None:  # (a processor preparing inputs inside a step arms nothing)
+            self.armed = True
+
     def forward_start(self, args: tuple, kwargs: dict) -> None:
         if not self.configured or self.broken is not None or self.suspended:
             return
-        if self.cur is None:
+        if self.cur is None and (self.armed or not self.gated):
+            self.armed = False
             self._guard(self._start_step, args, kwargs)
-        else:  # a model call made while the step is open (e.g. by a guidance processor)
-            self.nested += 1
+        else:  # a model call made while the step is open (e.g. by a guidance processor) or between
+            self.nested += 1  # steps (a streamer's): not the step's own forward
+            if self.cur is None:
+                self.outside += 1
 
     def forward_end(self, output: Any, kwargs: dict) -> None:
         if self.broken is not None or self.suspended:
@@ -429,6 +442,9 @@ class StepRecorder:
         self.cur, self.own_forward, self.nested = None, False, 0
         if self.plan.device.type != "cpu":
             sync(self.plan.device)
+        if self.outside:
+            self.notes.append(f"{self.outside} model call(s) between generate's steps (not generate's own forward, "
+                              "e.g. made by a streamer) were not recorded")
         if error is None and self.config.cache and self.last_cache is not None and self.readings:
             self._guard(self._check_cache)  # once: the readings derived per step hold at the end
         failure: BaseException | None = None

@@ -144,6 +144,7 @@ class TraceSession:
         self._patch("generate", self._wrap_generate(model.generate))
         self._patch(hf.LOGITS_PROCESSOR_METHOD, self._wrap_logits_processor(getattr(model, hf.LOGITS_PROCESSOR_METHOD)))
         self._patch(hf.STOPPING_CRITERIA_METHOD, self._wrap_stopping_criteria(getattr(model, hf.STOPPING_CRITERIA_METHOD)))
+        self._patch(hf.PREPARE_INPUTS_METHOD, self._wrap_prepare_inputs(getattr(model, hf.PREPARE_INPUTS_METHOD)))
         self._handles.append(model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_forward, with_kwargs=True))
         # residual norms and the logit lens read every layer; hidden vectors only the chosen ones
@@ -220,7 +221,8 @@ class TraceSession:
             if input_ids is not None and not isinstance(input_ids, torch.Tensor):
                 input_ids = None
             self._recorder = StepRecorder(self.plan, self.config, tokenizer=self.tokenizer, input_ids=input_ids,
-                                          attention_mask=kwargs.get("attention_mask"), prompts=self.pending_prompts)
+                                          attention_mask=kwargs.get("attention_mask"), prompts=self.pending_prompts,
+                                          gated=True)
             try:
                 output = original(*args, **kwargs)
             except BaseException as exc:
@@ -254,6 +256,17 @@ class TraceSession:
             return hf.make_criteria_list(type(criteria), rec.stop_check)(criteria)
 
         return get_stopping_criteria
+
+    def _wrap_prepare_inputs(self, original: Any) -> Any:
+        def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
+            rec = self._recorder
+            if rec is not None and threading.get_ident() == self._thread:
+                rec.prepared()  # the next forward is generate's own
+            return original(*args, **kwargs)
+
+        # generate reads this method's parameters (inspect.signature follows __wrapped__)
+        prepare_inputs_for_generation.__wrapped__ = original  # type: ignore[attr-defined]
+        return prepare_inputs_for_generation
 
     def _finish(self, output: Any, error: BaseException | None) -> None:
         rec, self._recorder = self._recorder, None
