@@ -436,6 +436,89 @@ def test_model_calls_between_steps_are_not_the_next_step(tiny_model):
     assert [trace.attention(s, 0).shape[-1] for s in range(5)] == [5, 6, 7, 8, 9]
     assert any("model call(s) between generate's steps" in n for n in trace.meta.notes)
 
+
+def _steps_are_generates_own(trace, prompt_len, n):
+    assert len(trace.steps) == n
+    for i, step in enumerate(trace.steps[1:], start=1):
+        assert step.inputs.input_ids.tolist() == [[int(trace.steps[i - 1].chosen[0])]]
+        assert step.inputs.cache_len_before == prompt_len + i - 1
+
+
+def test_prepare_inputs_swapped_during_generate_still_records_every_step(tiny_model):
+    """PEFT's generate swaps the model's prepare_inputs_for_generation for its own, which calls the
+    original it kept from before tracing: tracer's marker is never called, and every step is still
+    recorded (as without the marker)."""
+    kept = tiny_model.prepare_inputs_for_generation
+    inputs = make_inputs(batch=1, seq=5)
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    ref = _generate(tiny_model, inputs, **kw)
+
+    def prepare(*args, **kwargs):
+        return kept(*args, **kwargs)
+
+    prepare.__wrapped__ = kept  # (generate reads its parameters)
+
+    def generate_swapped(**kwargs):
+        tiny_model.prepare_inputs_for_generation = prepare
+        try:
+            return _generate(tiny_model, inputs, **kwargs)
+        finally:
+            del tiny_model.__dict__["prepare_inputs_for_generation"]
+
+    with tracer.trace(tiny_model) as t:
+        out = generate_swapped(**kw)
+    assert torch.equal(ref, out)
+    _steps_are_generates_own(t.trace, 5, 4)
+    assert not t.trace.meta.notes
+
+
+def test_a_model_call_inside_prepare_inputs_is_not_the_step():
+    from transformers import LlamaForCausalLM
+
+    class Probing(LlamaForCausalLM):
+        def prepare_inputs_for_generation(self, input_ids, **kwargs):
+            with torch.no_grad():
+                self(torch.tensor([[3, 4, 5]]))  # a side call before generate's inputs are made
+            return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+    base = make_tiny_llama()
+    model = Probing(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    inputs = make_inputs(batch=1, seq=5)
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    ref = _generate(model, inputs, **kw)
+    out, trace = _traced(model, inputs, record=RecordConfig(attention=True), **kw)
+    assert torch.equal(ref, out)
+    assert trace.steps[0].inputs.input_ids.tolist() == inputs["input_ids"].tolist()
+    _steps_are_generates_own(trace, 5, 4)
+    assert [trace.attention(s, 0).shape[-1] for s in range(4)] == [5, 6, 7, 8]
+
+
+def test_a_model_call_that_raises_between_steps_leaves_the_next_step_whole(tiny_model):
+    """A call whose forward raises (caught by its caller) gets no forward end: it must not swallow
+    the next step's own (whose cache reading and key/value snapshot would be lost)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Flaky(BaseStreamer):
+        def put(self, value):
+            try:
+                with torch.no_grad():
+                    tiny_model(torch.tensor([[10_000]]))  # out of the vocabulary: the embedding raises
+            except IndexError:
+                pass
+
+        def end(self):
+            pass
+
+    inputs = make_inputs(batch=1, seq=5)
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    ref = _generate(tiny_model, inputs, **kw)
+    out, trace = _traced(tiny_model, inputs, record=RecordConfig(kv_layers="all"), streamer=Flaky(), **kw)
+    assert torch.equal(ref, out)
+    _steps_are_generates_own(trace, 5, 4)
+    assert trace.cache.seq_len[:, 0].tolist() == [5, 6, 7, 8]
+    assert [trace.kv_snapshot(s, 0)[0].shape[-2] for s in range(4)] == [5, 6, 7, 8]
+
 def test_trace_generate_leaves_the_tokenizer_alone(llama3_tokenizer, tiny_model):
     tok = llama3_tokenizer
     pad, side = tok.pad_token, tok.padding_side

@@ -10,7 +10,7 @@ model (``tests/test_recorder_events.py``).
 Events, in the order ``generate`` produces them per step::
 
     configure(generation_config, processors, input_len, model_kwargs)   # once, may refuse
-    prepared()   # generate prepares its inputs: the next forward is its own (gated recorders)
+    preparing() → prepared()   # generate prepares its inputs: the next forward is its own (gated)
     forward_start(args, kwargs) → layer_output(i, hidden)… / point("embed"|"norm", hidden)
     → forward_end(output, kwargs) → scores(None, logits) → scores(processor, scores)…
     → stop_check(input_ids, is_done, fired)
@@ -109,10 +109,14 @@ class StepRecorder:
         self.own_forward = False  # inside this step's own model forward (not a nested call)
         self.nested = 0  # model calls made while a step is open (e.g. by a guidance processor)
         self.suspended = 0  # > 0 while the recorder runs model parts itself (logit lens)
-        # gated: a step opens only at a forward that generate prepared (`prepared`); a model call
-        # between steps (a streamer's, say) is then not taken for the next step's forward
+        # gated: once generate is seen preparing its inputs (`prepared`), a step opens only at a
+        # forward it prepared; a model call between steps (a streamer's, say) is then not taken for
+        # the next step's forward.  Never seen (code that swapped the model's
+        # prepare_inputs_for_generation for one calling the original it kept, as PEFT's generate
+        # does): every forward with no step open opens one, as ungated
         self.gated = gated
         self.armed = False
+        self.seen_prepared = False
         self.outside = 0  # model calls between steps, not recorded
         # a step's end does more than light's bookkeeping (model parts, device values, blobs)
         self.heavy = bool(plan.lens_layers or config.modules or plan.hidden_layers or config.full_logits
@@ -195,14 +199,18 @@ class StepRecorder:
         self.generation_config = generation_config
 
     # -- events ------------------------------------------------------------------------
-    def prepared(self) -> None:
+    def preparing(self) -> None:
         if self.cur is None:  # (a processor preparing inputs inside a step arms nothing)
+            self.seen_prepared = True
+
+    def prepared(self) -> None:
+        if self.cur is None:
             self.armed = True
 
     def forward_start(self, args: tuple, kwargs: dict) -> None:
         if not self.configured or self.broken is not None or self.suspended:
             return
-        if self.cur is None and (self.armed or not self.gated):
+        if self.cur is None and (self.armed or not (self.gated and self.seen_prepared)):
             self.armed = False
             self._guard(self._start_step, args, kwargs)
         else:  # a model call made while the step is open (e.g. by a guidance processor) or between
@@ -262,6 +270,7 @@ class StepRecorder:
             cache_len_before = self.next_cache_len
         q_len = int(input_ids.shape[1]) if input_ids is not None else int(kwargs["inputs_embeds"].shape[1])
         self.next_cache_len = cache_len_before + q_len if cache is not None else None
+        self.nested = 0  # a model call that raised (caught) has no forward end: not counted on
         self.cur = _StepScratch(len(self.done), t0, _fed_inputs(args, kwargs, input_ids, cache), cache_len_before)
         self.own_forward = True
         if self.plan.attention is not None:

@@ -260,9 +260,12 @@ class TraceSession:
     def _wrap_prepare_inputs(self, original: Any) -> Any:
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
             rec = self._recorder
-            if rec is not None and threading.get_ident() == self._thread:
-                rec.prepared()  # the next forward is generate's own
-            return original(*args, **kwargs)
+            if rec is None or threading.get_ident() != self._thread:
+                return original(*args, **kwargs)
+            rec.preparing()
+            prepared = original(*args, **kwargs)  # (a model call made inside it is not the step's)
+            rec.prepared()  # the next forward is generate's own
+            return prepared
 
         # generate reads this method's parameters (inspect.signature follows __wrapped__)
         prepare_inputs_for_generation.__wrapped__ = original  # type: ignore[attr-defined]
