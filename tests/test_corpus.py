@@ -235,7 +235,7 @@ def test_cli_resume_with_other_settings_refused_before_the_model(tmp_path, capsy
     data.write_text('{"id": "a", "prompt": "hi"}\n{"id": "z", "prompt": "new"}\n', encoding="utf-8")
     d = tmp_path / "ds"
     # what `tracer run --dataset d --max-new-tokens 6` records (pad/eos come from the tokenizer)
-    write_synthetic(d, meta={**META, "chat": False, "settings": {
+    write_synthetic(d, prompts=["hi", "prompt b", "prompt c", "prompt d"], meta={**META, "chat": False, "settings": {
         "max_new_tokens": 6, "do_sample": False, "seed": 0, "pad_token_id": 2, "eos_token_id": [2]}})
     before = {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()}
     base = ["run", "--dataset", str(d), "--data-file", str(data)]
@@ -388,3 +388,107 @@ def test_compare_shows_a_cut_character_escaped_not_as_replacement_char():
     steps = {"decoded": ["十", "", "日", "\ufffd", ""],
              "token_text": ["十", "\\xe6\\x97→日", "\\xa5", "\\xe5", "\\x8c"]}
     assert _shown_pieces(steps) == ["十", "", "日", "\\xe5", "\\x8c"]  # e5 8c: 北 cut after two of its bytes
+
+
+# ------------------------------------------------------------------------------ attack findings (stop 31)
+def test_resume_refuses_an_id_already_there_under_another_prompt(tmp_path, capsys, no_model):
+    """A resume skips the ids already in the dataset: an id naming another prompt now (a plain-text
+    file numbers prompts by line, so a line added above shifts every id) is refused, not skipped."""
+    from tracer.corpus.dataset import pending
+
+    d = tmp_path / "ds"
+    write_synthetic(d, seeds=(0,), ids=("1", "2"), prompts=["apple", "banana"], meta={**META, "chat": False, "settings": {
+        "max_new_tokens": 6, "do_sample": False, "seed": 0, "pad_token_id": 2, "eos_token_id": [2]}})
+    assert [it.id for it in pending(d, as_items([("1", "apple"), ("2", "banana"), ("3", "cherry")]))] == ["3"]
+    with pytest.raises(CorpusError, match=r'prompt id "2" is already in dataset .* \("banana" there, "kiwi" now\)'):
+        pending(d, as_items([("1", "apple"), ("2", "kiwi")]))
+    shifted = tmp_path / "f2.txt"
+    shifted.write_text("cherry\napple\nbanana\n", encoding="utf-8")
+    before = {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()}
+    refused(capsys, ["run", "--data-file", str(shifted), "--dataset", str(d), "--max-new-tokens", "6"],
+            'prompt id "1" (line 1) is already in dataset')
+    assert {str(f.relative_to(d)): f.read_bytes() for f in d.rglob("*") if f.is_file()} == before
+
+
+def test_a_second_run_into_the_same_dataset_at_once_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from tracer.corpus.dataset import lock_dataset, unlock_dataset
+
+    d = tmp_path / "ds"
+    data = tmp_path / "p.txt"
+    data.write_text("hi\n", encoding="utf-8")
+    lock_dataset(d)  # as a run writing into it holds it
+    try:
+        cli = subprocess.run([sys.executable, "-m", "tracer", "run", "--data-file", str(data), "--dataset", str(d)],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2
+        assert cli.stderr.strip().splitlines() == [
+            f"tracer: error: dataset {d} is being written by another run right now: wait for it to end, or use "
+            "another folder"]
+        lock_dataset(d)  # the same process holds it again (the engine's writer inside a CLI run)
+        unlock_dataset(d)
+    finally:
+        unlock_dataset(d)
+    free = subprocess.run([sys.executable, "-c", "import sys; from tracer.corpus.dataset import lock_dataset; "
+                           "lock_dataset(sys.argv[1])", str(d)], capture_output=True, text=True, timeout=120)
+    assert free.returncode == 0, free.stderr
+
+
+def test_corpus_flags_are_refused_or_applied_never_ignored(tmp_path, capsys, no_model, monkeypatch):
+    good = tmp_path / "p.txt"
+    good.write_text("hi\n", encoding="utf-8")
+    d = str(tmp_path / "d")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", d, "--presence-penalty", "1.5"],
+            "--presence-penalty is a vLLM option")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", d, "--gpus", "xyz"], "--gpus takes")
+    refused(capsys, ["run", "--data-file", str(good), "--no-trace", "--ray"], "--ray applies to a corpus run")
+    refused(capsys, ["run", "--data-file", str(good), "--batch-size", "0", "--ray-workers", "3"],
+            "--batch-size, --ray-workers apply to a corpus run: add --dataset DIR")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", d, "--ray-workers", "3"],
+            "--ray-workers applies to --ray")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(afile / "sub")],
+            f"dataset folder {afile / 'sub'} cannot be made or written")
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", d], "RAY_ADDRESS=127.0.0.1:1: no Ray cluster answers")
+
+
+def test_data_files_split_at_newlines_only_and_refuse_what_is_not_text(tmp_path):
+    j = tmp_path / "ls.jsonl"
+    j.write_text(json.dumps({"id": "a", "prompt": "one\u2028two\x85three"}, ensure_ascii=False) + "\r\n"
+                 + json.dumps({"id": "b", "prompt": "x"}) + "\n", encoding="utf-8")
+    assert [(i.id, i.prompt) for i in read_data_file(j)] == [("a", "one\u2028two\x85three"), ("b", "x")]
+    t = tmp_path / "ff.txt"
+    t.write_text("first\x0cstill first\nsecond\x1cprompt\rthird\n", encoding="utf-8")
+    assert [(i.id, i.prompt) for i in read_data_file(t)] == [("1", "first\x0cstill first"), ("2", "second\x1cprompt"),
+                                                             ("3", "third")]
+    for body, fragment in [('{"id": "a", "prompt": "x\\ud800"}\n', "line 1: the prompt holds a lone surrogate (\\ud800)"),
+                           ('{"id": "x\\udc80", "prompt": "x"}\n', "line 1: the id holds a lone surrogate (\\udc80)"),
+                           ('{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "nested too deeply"),
+                           ('{"id": "a", "prompt": "x\n', "line 1: not valid JSON (Unterminated string starting at, column")]:
+        f = tmp_path / "bad.jsonl"
+        f.write_text(body, encoding="utf-8")
+        with pytest.raises(CorpusError) as err:
+            read_data_file(f)
+        assert fragment in str(err.value)
+
+
+def test_a_half_moved_part_never_matches_a_parquet_glob(tmp_path, monkeypatch):
+    import os
+
+    from tracer.corpus import dataset
+
+    moved = []
+    real = os.replace
+    monkeypatch.setattr(dataset.os, "replace", lambda src, dst: (moved.append(Path(src).name), real(src, dst)))
+    write_synthetic(tmp_path / "ds", seeds=(0,), ids=("a", "b"))
+    parts = [n for n in moved if "part-" in n]  # (corpus.json is written atomically too)
+    assert len(parts) == 2 and all(n.startswith(".tmp-") and not n.endswith(".parquet") for n in parts), moved
+    meta = tmp_path / "ds" / "corpus.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": "x"}))
+    with pytest.raises(CorpusError, match='format_version is not a number \\("x"\\)'):
+        open_dataset(tmp_path / "ds")

@@ -216,6 +216,10 @@ def _vllm_backend() -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "dataset", None) is not None and getattr(args, "engine", "transformers") == "llama.cpp":
         raise CliError("--dataset runs the transformers or vLLM engine; --engine llama.cpp traces one prompt at a time (no corpus yet)")
+    if getattr(args, "dataset", None) is None:
+        from tracer.corpus.cli import refuse_corpus_options
+
+        refuse_corpus_options(args)
     if getattr(args, "engine", "transformers") == "llama.cpp":
         return importlib.import_module("tracer.backends.llamacpp_cli").cmd_run_llamacpp(args)
     if getattr(args, "gguf", None) is not None:

@@ -9,7 +9,6 @@ without permission) is refused before the first prompt runs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import stat
@@ -133,7 +132,7 @@ def _stat(path: Path, what: str) -> os.stat_result | None:
 
 def read_prompt_file(path: Path) -> list[str]:
     """The non-empty stripped lines of a UTF-8 text file (a BOM is allowed), or the prompts of a
-    JSONL file (see :func:`_is_json_object`)."""
+    JSONL file (see :func:`tracer.corpus.data.looks_like_jsonl`)."""
     st = _stat(path, "data file")
     if st is None:
         raise CliError(f"data file not found: {shown(path)}")
@@ -155,25 +154,14 @@ def read_prompt_file(path: Path) -> list[str]:
             f"data file is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): {shown(path)}; "
             "convert it first, e.g. iconv -f latin1 -t utf-8"
         ) from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    from ..corpus.data import looks_like_jsonl, split_lines
+
+    prompts = [line.strip() for line in split_lines(text) if line.strip()]
     if not prompts:
         raise CliError(f"data file has no prompts: {shown(path)}")
-    if _is_json_object(prompts[0]):  # JSONL, as --dataset reads it: the prompts, not the raw lines
+    if looks_like_jsonl(prompts[0]):  # JSONL, as --dataset reads it: the prompts, not the raw lines
         return _jsonl_prompts(path)
     return prompts
-
-
-def _is_json_object(line: str) -> bool:
-    """JSONL, as ``--dataset`` reads it, when the first line is a JSON object or starts like one
-    (``{"``: a malformed one is then reported with its line number); ``{name} ...`` is text."""
-    if line.startswith('{"'):
-        return True
-    if not line.startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def _jsonl_prompts(path: Path) -> list[str]:

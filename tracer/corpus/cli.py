@@ -16,9 +16,9 @@ from typing import Any
 
 from ..cli.common import CliError, Interrupted, shown
 from .data import CorpusError, PromptItem, as_items, read_data_file
-from .dataset import check_dataset_folder, check_known_identity, open_dataset
+from .dataset import check_dataset_folder, check_known_identity, lock_dataset, open_dataset, pending
 
-__all__ = ["add_run_options", "cmd_run_corpus", "cmd_compare_corpus"]
+__all__ = ["add_run_options", "cmd_run_corpus", "cmd_compare_corpus", "refuse_corpus_options", "check_ray_address"]
 
 
 def add_run_options(run: argparse.ArgumentParser) -> None:
@@ -27,10 +27,26 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", type=Path, default=None, metavar="DIR",
                    help="write a Parquet corpus dataset (sequences + steps tables); resumes: prompt ids "
                    "already there are skipped. --data-file may be JSONL with 'id' and 'prompt' or 'messages'")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per left-padded generate batch (default: 8)")
+    # (None: not given; a corpus option given without --dataset is refused, never ignored)
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"prompts per left-padded generate batch (default: {BATCH_SIZE})")
     g.add_argument("--ray", action="store_true",
                    help="shard the prompts over a Ray cluster (RAY_ADDRESS, else a local one) with Ray Data")
-    g.add_argument("--ray-workers", type=int, default=2, help="model replicas (Ray actors) with --ray (default: 2)")
+    g.add_argument("--ray-workers", type=int, default=None,
+                   help=f"model replicas (Ray actors) with --ray (default: {RAY_WORKERS})")
+
+
+BATCH_SIZE = 8
+RAY_WORKERS = 2
+
+
+def refuse_corpus_options(args: argparse.Namespace) -> None:
+    """``tracer run`` without ``--dataset``: a corpus option given is refused, not ignored."""
+    given = [flag for flag, on in (("--batch-size", getattr(args, "batch_size", None) is not None),
+                                   ("--ray", getattr(args, "ray", False)),
+                                   ("--ray-workers", getattr(args, "ray_workers", None) is not None)) if on]
+    if given:
+        raise CliError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a corpus run: add --dataset DIR")
 
 
 def _items(args: argparse.Namespace) -> list[PromptItem]:
@@ -44,28 +60,40 @@ def _items(args: argparse.Namespace) -> list[PromptItem]:
 def validate(args: argparse.Namespace) -> list[PromptItem]:
     """Every check possible before the model loads; returns the prompts."""
     from ..cli.run import apply_preset
-    from ..cli.validation import check_device, check_generation, check_output_folder
+    from ..cli.validation import check_device, check_generation, check_gpus, check_output_folder
 
     apply_preset(args)
     for flag, on in (("--interactive", args.interactive), ("--multi-turn", args.multi_turn),
                      ("--no-trace", args.no_trace), ("--predictions-file", args.predictions_file is not None)):
         if on:
             raise CliError(f"{flag} cannot be combined with --dataset (the dataset holds every answer)")
+    args.batch_size = BATCH_SIZE if args.batch_size is None else args.batch_size
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.ray_workers is not None and not args.ray and not os.environ.get("RAY_ADDRESS"):
+        raise CliError("--ray-workers applies to --ray")
+    args.ray_workers = RAY_WORKERS if args.ray_workers is None else args.ray_workers
     if args.ray and args.ray_workers < 1:
         raise CliError(f"--ray-workers must be at least 1, got {args.ray_workers}")
     if args.ray and args.use_vllm:
         raise CliError("--ray with --use-vllm is not supported: vLLM shards itself (see docs/corpus.md)")
+    # RAY_ADDRESS set also runs on Ray (docs/corpus.md); never for vLLM
+    args.use_ray = bool(args.ray or os.environ.get("RAY_ADDRESS")) and not args.use_vllm
     if args.load_in_4bit and args.load_in_8bit:
         raise CliError("choose one of --load-in-4bit and --load-in-8bit")
     if args.system is not None and not args.with_prompt:
         if "system" in args.explicit:
             raise CliError("--system applies to the chat template: add --with-prompt")
         args.system = None
+    if getattr(args, "presence_penalty", None) is not None and not args.use_vllm:
+        raise CliError("--presence-penalty is a vLLM option (add --use-vllm); transformers' generate has no "
+                       "presence penalty: use --repetition-penalty")
     check_generation(args)
+    args.gpu_ids = check_gpus(args.gpus)
+    if args.gpu_ids is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, args.gpu_ids))  # before CUDA starts
     check_device(args.device)
-    for mod, extra in (("pyarrow", "corpus"), ("duckdb", "corpus")) + ((("ray", "ray"),) if args.ray else ()):
+    for mod, extra in (("pyarrow", "corpus"), ("duckdb", "corpus")) + ((("ray", "ray"),) if args.use_ray else ()):
         try:
             __import__(mod)
         except ImportError:
@@ -83,7 +111,29 @@ def validate(args: argparse.Namespace) -> list[PromptItem]:
         check_known_identity(args.dataset, old, *_known_identity(args))
     if args.trace_dir is not None:
         check_output_folder(args.trace_dir, "--trace-dir")
+    if args.use_ray:
+        check_ray_address(os.environ.get("RAY_ADDRESS"))
+    lock_dataset(args.dataset)  # made if absent, proved writable, held until this process ends
+    pending(args.dataset, items)  # an id already there under another prompt: refused now
     return items
+
+
+def check_ray_address(address: str | None, timeout: float = 10.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) cluster address answers, before anything loads
+    (ray.init would otherwise wait on an unreachable one for minutes)."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # a form ray.init reads itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise CliError(f"RAY_ADDRESS={shown(address)}: no Ray cluster answers there ({exc.strerror or exc}); "
+                       "start one (ray start --head) or unset RAY_ADDRESS for a local cluster") from None
 
 
 def _known_identity(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -140,7 +190,7 @@ def cmd_run_corpus(args: argparse.Namespace) -> int:
             from .vllm_engine import run_vllm_corpus
 
             ds = run_vllm_corpus(args, items, on_batch=on_batch)
-        elif args.ray or os.environ.get("RAY_ADDRESS"):
+        elif args.use_ray:
             from .ray_engine import trace_corpus_ray
 
             ds = trace_corpus_ray(items, dataset=args.dataset, load=_load_spec(args), workers=args.ray_workers,

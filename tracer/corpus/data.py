@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import TracerError
 
-__all__ = ["CorpusError", "PromptItem", "read_data_file", "as_items", "MAX_PROMPT_CHARS"]
+__all__ = ["CorpusError", "PromptItem", "read_data_file", "as_items", "split_lines", "looks_like_jsonl", "MAX_PROMPT_CHARS"]
 
 #: A prompt longer than this many characters is refused (a sign of a wrong file, e.g. a whole
 #: document on one line); callers may pass their own limit.
@@ -36,8 +36,39 @@ class PromptItem:
         return self.prompt if isinstance(self.prompt, str) else json.dumps(self.prompt, ensure_ascii=False)
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text`` as a file read in text mode gives them (ends: ``\\n``, ``\\r\\n``,
+    ``\\r``).  Not ``str.splitlines()``: it also breaks at U+2028/U+2029, NEL, form feed and other
+    separators, which JSON strings and prompts may hold."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def looks_like_jsonl(first_line: str) -> bool:
+    """A data file is JSONL when its first non-blank line is a JSON object or starts like one
+    (``{"``: a malformed one is then reported with its line number); ``{name} ...`` is text.
+    The one rule of ``tracer run --data-file``, with or without ``--dataset``."""
+    line = first_line.strip()
+    if line.startswith('{"'):
+        return True
+    if not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _check_text(text: str, where: str, what: str = "prompt") -> None:
+    """A lone surrogate (JSON can spell one: ``"\\ud800"``) is not text: no tokenizer or Parquet
+    file takes it, so it is refused here rather than after the model loads."""
+    bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:
+        raise CorpusError(f"{where}: the {what} holds a lone surrogate (\\u{ord(bad):04x}), which is not text")
+
+
 def _check_prompt(prompt: Any, where: str, max_chars: int) -> Any:
     if isinstance(prompt, str):
+        _check_text(prompt, where)
         if not prompt.strip():
             raise CorpusError(f"{where}: empty prompt")
         if len(prompt) > max_chars:
@@ -48,6 +79,7 @@ def _check_prompt(prompt: Any, where: str, max_chars: int) -> Any:
         for m in prompt:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise CorpusError(f"{where}: each chat message needs a string 'role' and 'content'")
+            _check_text(m["role"] + m["content"], where)
             total += len(m["content"])
         if not any(m["content"].strip() for m in prompt):
             raise CorpusError(f"{where}: empty prompt (every message is empty)")
@@ -88,12 +120,12 @@ def read_data_file(path: str | Path, *, max_chars: int = MAX_PROMPT_CHARS) -> li
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CorpusError(f"data file is not UTF-8 text (offset {exc.start}): {path}") from None
-    lines = text.splitlines()
+    lines = split_lines(text)
     first = next((ln.strip() for ln in lines if ln.strip()), None)
     if first is None:
         raise CorpusError(f"data file has no prompts: {path}")
     items: list[PromptItem] = []
-    if first.startswith("{"):
+    if looks_like_jsonl(first):
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -101,7 +133,9 @@ def read_data_file(path: str | Path, *, max_chars: int = MAX_PROMPT_CHARS) -> li
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CorpusError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise CorpusError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            except RecursionError:
+                raise CorpusError(f"{where}: not valid JSON here (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise CorpusError(f"{where}: expected a JSON object with 'prompt' or 'messages'")
             if ("prompt" in obj) == ("messages" in obj):
@@ -109,6 +143,7 @@ def read_data_file(path: str | Path, *, max_chars: int = MAX_PROMPT_CHARS) -> li
             pid = obj.get("id", n)
             if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid) == "":
                 raise CorpusError(f"{where}: 'id' must be a non-empty string or an integer")
+            _check_text(str(pid), where, "id")
             prompt = _check_prompt(obj.get("prompt", obj.get("messages")), where, max_chars)
             items.append(PromptItem(str(pid), prompt, n))
     else:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,7 +26,8 @@ from typing import Any, Iterable
 from ..jsonio import write_json_atomic
 from .data import CorpusError
 
-__all__ = ["FORMAT", "CorpusWriter", "CorpusDataset", "open_dataset", "is_dataset"]
+__all__ = ["FORMAT", "CorpusWriter", "CorpusDataset", "open_dataset", "is_dataset", "lock_dataset", "unlock_dataset",
+           "pending"]
 
 FORMAT = "tracer-corpus"
 FORMAT_VERSION = 1
@@ -44,9 +47,58 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise CorpusError(f"{path} is not a readable corpus dataset ({META_FILE}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorpusError(f"{path} holds a {META_FILE} that is not a tracer corpus")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CorpusError(f"{path} was written by a newer tracer (corpus format {meta.get('format_version')})")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorpusError(f"{path} holds a {META_FILE} whose format_version is not a number ({_short(version)})")
+    if version > FORMAT_VERSION:
+        raise CorpusError(f"{path} was written by a newer tracer (corpus format {version})")
     return meta
+
+
+#: Dataset folders this process holds (resolved path -> [open folder descriptor, holders]).
+_LOCKS: dict[str, list[int]] = {}
+
+
+def lock_dataset(path: str | Path) -> None:
+    """Hold the dataset folder ``path`` for this process, making it (and its parents) if absent:
+    a second run writing into the same folder at the same time is refused (two writers would
+    each add every prompt).  Held again by the same process, it counts; :func:`unlock_dataset`
+    releases.  Also proves the folder can be written (before the model loads)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CorpusError(f"dataset folder {path} cannot be made or written: "
+                          f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    key = os.path.realpath(path)
+    held = _LOCKS.get(key)
+    if held is not None:
+        held[1] += 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # (no fcntl: Windows) not held
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CorpusError(f"dataset {path} is being written by another run right now: wait for it to end, "
+                          "or use another folder") from None
+    _LOCKS[key] = [fd, 1]
+
+
+def unlock_dataset(path: str | Path) -> None:
+    held = _LOCKS.get(os.path.realpath(path))
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _LOCKS[os.path.realpath(path)]
+        os.close(held[0])  # (closing the descriptor releases the lock)
 
 
 def check_dataset_folder(path: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -104,7 +156,9 @@ def _short(value: Any, limit: int = 120) -> str:
 def _atomic_write_table(table: Any, dest: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+    # hidden, and not named *.parquet: a glob over the folder (read_parquet('steps/*.parquet'))
+    # never counts a part a kill left half-moved
+    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.stem}.partial")
     try:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as f:
@@ -123,13 +177,34 @@ def _parts(path: Path) -> list[str]:
 
 def existing_ids(path: str | Path) -> set[str]:
     """Prompt ids already in the dataset at ``path`` (empty when there is none yet)."""
+    return set(existing_prompts(path))
+
+
+def existing_prompts(path: str | Path) -> dict[str, str]:
+    """Prompt id -> prompt (as the ``sequences`` table holds it) of the dataset at ``path``."""
     import pyarrow.parquet as pq
 
     path = Path(path)
-    ids: set[str] = set()
+    prompts: dict[str, str] = {}
     for name in _parts(path):
-        ids.update(pq.read_table(path / "sequences" / name, columns=["prompt_id"])["prompt_id"].to_pylist())
-    return ids
+        table = pq.read_table(path / "sequences" / name, columns=["prompt_id", "prompt"])
+        prompts.update(zip(table["prompt_id"].to_pylist(), table["prompt"].to_pylist()))
+    return prompts
+
+
+def pending(path: str | Path, items: Iterable[Any]) -> list[Any]:
+    """The prompt items not yet in the dataset at ``path`` (a resume skips the ids there).  An id
+    already there under another prompt is refused: it would be skipped, its prompt never run
+    (plain-text data files number their prompts by line: a line added above shifts every id)."""
+    done = existing_prompts(path) if is_dataset(path) else {}
+    for it in items:
+        old = done.get(it.id)
+        if old is not None and old != it.text:
+            line = f" (line {it.line})" if it.line else ""
+            raise CorpusError(f"prompt id {_short(it.id, 40)}{line} is already in dataset {path} with another prompt "
+                              f"({_short(old, 60)} there, {_short(it.text, 60)} now): a resume skips the ids "
+                              "already there. Give each prompt its own id (JSONL 'id'), or use another folder")
+    return [it for it in items if it.id not in done]
 
 
 class CorpusWriter:
@@ -139,6 +214,8 @@ class CorpusWriter:
         self.path = Path(path)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
         old = check_dataset_folder(self.path, meta)
+        lock_dataset(self.path)  # released by close(), or when the writer is collected
+        self._release = weakref.finalize(self, unlock_dataset, str(self.path))
         (self.path / "sequences").mkdir(parents=True, exist_ok=True)
         (self.path / "steps").mkdir(parents=True, exist_ok=True)
         complete = set(_parts(self.path))
@@ -160,6 +237,14 @@ class CorpusWriter:
     def done_ids(self) -> set[str]:
         """Prompt ids already in the dataset."""
         return existing_ids(self.path)
+
+    def pending(self, items: Iterable[Any]) -> list[Any]:
+        """:func:`pending` for this dataset."""
+        return pending(self.path, items)
+
+    def close(self) -> None:
+        """Release the folder (:func:`lock_dataset`); the parts written stay."""
+        self._release()
 
     def write(self, seq_rows: list[dict[str, Any]], step_rows: list[dict[str, Any]]) -> str:
         """One finished batch: the steps part, then the sequences part (which makes it count)."""

@@ -149,17 +149,19 @@ def trace_corpus(model: Any, tokenizer: Any, prompts: Any, *, dataset: str | Pat
     meta = corpus_meta(engine="transformers", model=model_name(model), dtype=dtype, settings=settings,
                        chat=chat, system=system, batch_size=batch_size, record=record.to_dict())
     writer = CorpusWriter(dataset, meta)
-    done = writer.done_ids()
-    todo = [it for it in items if it.id not in done]
-    tdir = Path(trace_dir) if trace_dir is not None else None
-    if tdir is not None:
-        tdir.mkdir(parents=True, exist_ok=True)
-    for n, batch in enumerate(chunks(todo, batch_size)):
-        tpath = None if tdir is None else tdir / f"{writer.run_id}-{n:05d}.trace"
-        start = time.perf_counter()
-        seq_rows, step_rows = batch_rows(model, tokenizer, batch, chat=chat, system=system, record=record, seed=seed,
-                                         generate_kwargs=dict(generate_kwargs), trace_path=tpath)
-        writer.write(seq_rows, step_rows)
-        if on_batch is not None:
-            on_batch(len(batch), int(time.perf_counter() - start))
+    try:
+        todo = writer.pending(items)
+        tdir = Path(trace_dir) if trace_dir is not None else None
+        if tdir is not None:
+            tdir.mkdir(parents=True, exist_ok=True)
+        for n, batch in enumerate(chunks(todo, batch_size)):
+            tpath = None if tdir is None else tdir / f"{writer.run_id}-{n:05d}.trace"
+            start = time.perf_counter()
+            seq_rows, step_rows = batch_rows(model, tokenizer, batch, chat=chat, system=system, record=record,
+                                             seed=seed, generate_kwargs=dict(generate_kwargs), trace_path=tpath)
+            writer.write(seq_rows, step_rows)
+            if on_batch is not None:
+                on_batch(len(batch), int(time.perf_counter() - start))
+    finally:
+        writer.close()
     return open_dataset(dataset)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .data import CorpusError, PromptItem
-from .dataset import CorpusDataset, CorpusWriter, existing_ids, open_dataset
+from .dataset import (CorpusDataset, CorpusWriter, check_dataset_folder, lock_dataset, open_dataset, pending,
+                      unlock_dataset)
 from .engine import chunks, corpus_meta, load_items
 
 __all__ = ["trace_corpus_ray", "Replica"]
@@ -103,21 +104,31 @@ def trace_corpus_ray(prompts: Any, *, dataset: str | Path, load: dict[str, Any] 
     embedded model).  ``address``: a cluster to join (default ``RAY_ADDRESS``; none: a local
     cluster with ``workers`` CPUs).  ``num_cpus``: CPUs per replica (default 0.5 on a local
     cluster, 1 on a given one).  Everything else as :func:`tracer.trace_corpus`; same dataset."""
-    import uuid
-
-    import ray
-
     from ..config import RecordConfig
 
     if batch_size < 1 or workers < 1:
         raise CorpusError(f"batch_size and workers must be at least 1, got {batch_size} and {workers}")
     items = load_items(prompts)
     record = record or RecordConfig()
-    done = existing_ids(dataset) if Path(dataset, "corpus.json").is_file() else set()
-    from .dataset import check_dataset_folder
-
     check_dataset_folder(dataset)  # a folder that holds something else: refused before any replica loads
-    todo = [it for it in items if it.id not in done]
+    lock_dataset(dataset)  # (and another run writing into it now) released at the end
+    try:
+        return _trace_corpus_ray(pending(dataset, items), dataset=dataset, load=load, workers=workers,
+                                 batch_size=batch_size, chat=chat, system=system, record=record, seed=seed,
+                                 trace_dir=trace_dir, address=address, num_cpus=num_cpus, on_batch=on_batch,
+                                 generate_kwargs=generate_kwargs)
+    finally:
+        unlock_dataset(dataset)
+
+
+def _trace_corpus_ray(todo: list, *, dataset: str | Path, load: dict[str, Any] | None, workers: int,
+                      batch_size: int, chat: bool | None, system: str | None, record: Any, seed: int | None,
+                      trace_dir: str | Path | None, address: str | None, num_cpus: float | None,
+                      on_batch: Callable[[int, int], None] | None, generate_kwargs: dict[str, Any]) -> CorpusDataset:
+    import uuid
+
+    import ray
+
     run_id = uuid.uuid4().hex[:8]
     address = address or os.environ.get("RAY_ADDRESS") or None
     started = False
@@ -160,6 +171,8 @@ def trace_corpus_ray(prompts: Any, *, dataset: str | Path, load: dict[str, Any] 
                 on_batch(int(row["prompts"]), 0)
         return open_dataset(dataset)
     finally:
+        if writer is not None:
+            writer.close()
         if started:
             ray.shutdown()
 

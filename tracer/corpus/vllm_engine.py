@@ -57,21 +57,23 @@ def trace_corpus_vllm(llm: Any, prompts: Any, sampling_params: Any, *, dataset: 
                        settings=settings, chat=chat, system=system, batch_size=batch_size, record=record.to_dict(),
                        schema=SCHEMA, extra={"tensor_parallel_size": getattr(facts, "tensor_parallel_size", 1)})
     writer = CorpusWriter(dataset, meta)
-    done = writer.done_ids()
-    for batch in chunks([it for it in items if it.id not in done], batch_size):
-        start = time.perf_counter()
-        inputs = token_prompts(tok, batch, chat, system)
-        traces = vllm_generate(llm, inputs, sampling_params, record=record)
-        seq_rows, step_rows = [], []
-        for it, tr in zip(batch, traces):
-            s, st = trace_rows(tr, [it.id], [it.text], engine="vllm", settings=settings)
-            for row in s:
-                row["batch_size"] = len(batch)
-            seq_rows += s
-            step_rows += st
-        writer.write(seq_rows, step_rows)
-        if on_batch is not None:
-            on_batch(len(batch), int(time.perf_counter() - start))
+    try:
+        for batch in chunks(writer.pending(items), batch_size):
+            start = time.perf_counter()
+            inputs = token_prompts(tok, batch, chat, system)
+            traces = vllm_generate(llm, inputs, sampling_params, record=record)
+            seq_rows, step_rows = [], []
+            for it, tr in zip(batch, traces):
+                s, st = trace_rows(tr, [it.id], [it.text], engine="vllm", settings=settings)
+                for row in s:
+                    row["batch_size"] = len(batch)
+                seq_rows += s
+                step_rows += st
+            writer.write(seq_rows, step_rows)
+            if on_batch is not None:
+                on_batch(len(batch), int(time.perf_counter() - start))
+    finally:
+        writer.close()
     return open_dataset(dataset)
 
 
