@@ -46,9 +46,16 @@ LLAMACPP_STAMP := $(VENV)/.llamacpp-installed
 
 venv-llamacpp: $(LLAMACPP_STAMP)
 
+# Its native build (-march=native) compiles llama.cpp's AMX kernels on a CPU that has AMX; where the
+# kernel does not grant AMX tile state (seen here: a VM on a Sapphire Rapids host) the first matrix
+# product faults (SIGSEGV).  So on x86-64 it is built native but without AMX (same kernels as on a CPU
+# without it); tools/check_llamacpp.py then decodes once in a child process and says so if it faults.
+LLAMACPP_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16,)
+
 $(LLAMACPP_STAMP): $(STAMP)
+	CFLAGS="$(LLAMACPP_CFLAGS)" CXXFLAGS="$(LLAMACPP_CFLAGS)" \
 	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/python -m pip install -e '.[llamacpp]'
-	$(BIN)/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	$(BIN)/python tools/check_llamacpp.py
 	touch $(LLAMACPP_STAMP)
 
 bench-llamacpp: venv-llamacpp
