@@ -194,6 +194,12 @@ def test_terminal_safe():
     family = "👨\u200d👩\u200d👧 北京 e\u0301"
     assert terminal_safe(family) == family  # ZWJ, CJK and combining marks are kept
     assert terminal_safe("x" * 10, limit=5) == "xxxx…"
+    # invisible format characters would hide a difference (ids "a" and "a\u200b" look alike)
+    assert terminal_safe("a\u200b|\ufeff|soft\u00adhyphen|\U000e0041") == "a\\u200b|\\ufeff|soft\\xadhyphen|\\U000e0041"
+    assert html_text("a\u200bb") == "a\\u200bb"
+    from tracer.cli.common import shown
+
+    assert shown("a\u200bb\u200d") == "a\\u200bb\u200d"  # one rule in the CLI lines too
     assert not re.search(r"[\x00-\x1f\x7f-\x9f]", terminal_safe("".join(map(chr, range(256)))))
 
 

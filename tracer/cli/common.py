@@ -7,11 +7,10 @@ No torch, no transformers: importing this keeps ``tracer --help`` fast.
 from __future__ import annotations
 
 import os
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..text import clip, clip_middle, display_width, escaped_units
+from ..text import clip, clip_middle, display_width, escaped_units, unsafe_char
 
 #: The seed script's two sample prompts (the default of ``tracer run``).
 DEFAULT_PROMPTS = ("为什么要减少污染，保护环境？", "你有什么建议？")
@@ -78,7 +77,6 @@ class Result:
         return {"Input": self.prompt, "Output": self.output}
 
 
-_JOINERS = frozenset("\u200c\u200d")  # zero-width (non-)joiners: parts of emoji and scripts
 
 
 def shown(value: Any, limit: int = 300) -> str:
@@ -89,9 +87,7 @@ def shown(value: Any, limit: int = 300) -> str:
     return clip_middle(escaped_units(text, _shown_unsafe, _shown_escape), limit)
 
 
-def _shown_unsafe(ch: str) -> bool:
-    cat = unicodedata.category(ch)
-    return cat in ("Cc", "Cs", "Zl", "Zp") or (cat == "Cf" and ch not in _JOINERS)
+_shown_unsafe = unsafe_char  # the one rule of what is never written raw (tracer.text)
 
 
 def _shown_escape(ch: str) -> str:
