@@ -492,3 +492,20 @@ def test_a_half_moved_part_never_matches_a_parquet_glob(tmp_path, monkeypatch):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format_version": "x"}))
     with pytest.raises(CorpusError, match='format_version is not a number \\("x"\\)'):
         open_dataset(tmp_path / "ds")
+
+
+def test_compare_output_and_trace_options_checked_before_the_work(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_synthetic(a)
+    write_synthetic(b, seeds=(0, 2))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    for html, fragment in ((afile / "x.html", "--html"), (tmp_path / "adir", "is a directory, not a file")):
+        refused(capsys, ["compare", str(a), str(b), "--html", str(html)], fragment)
+    refused(capsys, ["compare", str(a), str(b), "--stage", "final"], "--stage applies to comparing two traces")
+    refused(capsys, ["compare", str(a), str(b), "--stage", "1", "--context", "2"],
+            "--stage and --context apply to comparing two traces")
+    refused(capsys, ["compare", str(a), str(b), "--context", "-5"], "--context must be 0 or more, got -5")
+    assert main(["compare", str(a), str(b), "--html", str(tmp_path / "out" / "c.html")]) == 0
+    assert (tmp_path / "out" / "c.html").is_file()

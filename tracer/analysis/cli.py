@@ -26,9 +26,11 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("a", type=Path, help="first trace file or folder")
     p.add_argument("b", type=Path, help="second trace file or folder")
     p.add_argument("--html", type=Path, default=None, help="write the comparison view as a static HTML page")
-    p.add_argument("--stage", default="0",
-                   help="distribution compared: 0/raw (raw logits, default), final, or a stage index")
-    p.add_argument("--context", type=int, default=3, help="rows shown on each side of a divergence (default: 3)")
+    # (None: not given; both apply to two traces, a corpus compare refuses them rather than ignore them)
+    p.add_argument("--stage", default=None,
+                   help="distribution compared: 0/raw (raw logits, default), final, or a stage index (traces)")
+    p.add_argument("--context", type=int, default=None,
+                   help="rows shown on each side of a divergence (default: 3) (traces)")
     p.set_defaults(func=cmd_compare)
     return p
 
@@ -89,12 +91,24 @@ def _check_not_a_folder_of_traces(path: Path, other: Path, first: bool) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from ..cli.common import CliError, shown
+    from ..cli.validation import check_output_file
     from ..corpus.dataset import is_dataset
 
+    if args.html is not None:  # before any work: a comparison is not lost to a bad output path
+        check_output_file(args.html, "--html")
+    if args.context is not None and args.context < 0:
+        raise CliError(f"--context must be 0 or more, got {args.context}")
     if is_dataset(args.a) or is_dataset(args.b):  # two corpus datasets (tracer.corpus)
         from ..corpus.cli import cmd_compare_corpus
 
+        given = [flag for flag, value in (("--stage", args.stage), ("--context", args.context)) if value is not None]
+        if given:
+            raise CliError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to comparing two traces; "
+                           "a corpus compare reads the chosen tokens' log-probs and each step's top-k")
         return cmd_compare_corpus(args)
+    args.stage = "0" if args.stage is None else args.stage
+    args.context = 3 if args.context is None else args.context
     from ..storage import load_trace
     from .comparison import compare
 
@@ -110,5 +124,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         args.html.parent.mkdir(parents=True, exist_ok=True)
         args.html.write_text(compare_html(diff), encoding="utf-8")
-        print(f"wrote {args.html}")
+        print(f"wrote {shown(args.html)}")
     return 0
