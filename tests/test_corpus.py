@@ -312,6 +312,8 @@ def test_traced_batch_equals_untraced_batch(embedded, tmp_path):
         assert "".join(rows.decoded).replace("<|im_end|>", "") == tok.decode(list(seqs.token_ids[pid]), skip_special_tokens=True)
     assert any(ord(c) > 0x1F000 for c in shown)  # the answer to prompt 4 is emoji, shown whole
     assert "\ufffd" not in shown  # a byte that never makes a character is shown escaped, not as U+FFFD
+    # each row's settings are the dataset's (the seed included)
+    assert all(json.loads(x) == ds.meta["settings"] for x in seqs.settings)
 
 
 @pytest.mark.slow

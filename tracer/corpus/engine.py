@@ -116,6 +116,7 @@ def batch_rows(model: Any, tokenizer: Any, items: Sequence[PromptItem], *, chat:
         saved = save_trace(tr, trace_path)
         files = [str(saved)] * len(items)
     settings = {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    settings["seed"] = seed  # (as corpus.json's settings: resolved_settings)
     return trace_rows(tr, [it.id for it in items], [it.text for it in items], engine=engine, settings=settings,
                       trace_files=files)
 
