@@ -369,3 +369,25 @@ def test_absent_extension_is_no_command_and_broken_one_says_why(monkeypatch, cap
     assert main(["compare", "a", "b"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["tracer: error: tracer compare is not available: No module named 'tracer_missing_dependency'"]
+
+
+def test_tracer_warnings_print_on_one_line_and_an_in_process_interrupt_restores_sigint(monkeypatch, capsys):
+    import signal
+    import warnings
+
+    import tracer.cli.run as run_cli
+    from tracer.cli import main
+    from tracer.errors import TracerWarning
+
+    def cmd_run(args):
+        warnings.warn("recording stopped\nat step 3 \x1b[31m", TracerWarning)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_cli, "cmd_run", cmd_run)
+    before = signal.getsignal(signal.SIGINT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TracerWarning)  # (the suite turns warnings into errors)
+        assert main(["run"]) == 130
+    assert signal.getsignal(signal.SIGINT) is before  # (the command itself keeps ignoring them while it ends)
+    assert capsys.readouterr().err.splitlines() == ["tracer: warning: recording stopped at step 3 \\x1b[31m",
+                                                    "tracer: interrupted"]

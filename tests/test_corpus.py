@@ -511,3 +511,43 @@ def test_compare_output_and_trace_options_checked_before_the_work(tmp_path, caps
     refused(capsys, ["compare", str(a), str(b), "--context", "-5"], "--context must be 0 or more, got -5")
     assert main(["compare", str(a), str(b), "--html", str(tmp_path / "out" / "c.html")]) == 0
     assert (tmp_path / "out" / "c.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.005, 0.3])
+def test_two_quick_ctrl_c_still_exit_130_with_what_is_saved(tmp_path, gap):
+    """A second Ctrl-C while the first is handled (counting what is saved) or while the process
+    ends: before, the count was lost (0.005 s) or the process died by the signal (0.3 s: -2)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "p.txt"
+    data.write_text("\n".join(PROMPTS * 4) + "\n", encoding="utf-8")
+    d = tmp_path / "ds"
+    argv = [sys.executable, "-m", "tracer", "run", "--data-file", str(data), "--dataset", str(d),
+            "--batch-size", "1", "--max-new-tokens", "24"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "prompt(s) written" in line:
+                proc.send_signal(signal.SIGINT)
+                time.sleep(gap)
+                proc.send_signal(signal.SIGINT)
+                break
+        lines += proc.stderr.readlines()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == 130, lines
+    last = lines[-1].strip()
+    n = len(open_dataset(d))
+    assert last == f"tracer: interrupted: {n} prompt(s) are saved in {d}", lines
+    assert not any("Traceback" in ln or "Warning" in ln for ln in lines), lines

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..cli.common import CliError, Interrupted, Result, shown
+from ..cli.common import CliError, Interrupted, Result, hold_interrupts, shown
 from .llamacpp import INSTALL_HINT
 
 #: transformers' global defaults for what a sampling run does not set (the embedded model's
@@ -133,6 +133,7 @@ def cmd_run_llamacpp(args: Any) -> int:
         finally:
             llm.close()
     except KeyboardInterrupt:
+        hold_interrupts()
         print_summary(writer)
         done = f"{len(writer.results)} answer(s) finished"
         if writer.path is not None and writer.results:

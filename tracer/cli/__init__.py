@@ -16,11 +16,15 @@ import argparse
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from typing import Any, Sequence
 
-from .common import DEFAULT_PROMPTS, PRESETS, SEED_SYSTEM_PROMPT, CliError, Interrupted, Result, format_summary, shown
+from .common import (DEFAULT_PROMPTS, PRESETS, SEED_SYSTEM_PROMPT, CliError, Interrupted, Result, format_summary,
+                     hold_interrupts, shown)
 from .inspect_cmd import add_inspect_parser
 from .run import add_run_parser
 
@@ -116,12 +120,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or an argument error already printed as one line
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main_thread else None
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # tracer's own warnings: one line each, like its errors
+        return _run(args, argv, main_thread, handler)
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    from ..errors import TracerWarning
+
+    if issubclass(category, TracerWarning):
+        print(f"tracer: warning: {one_line(message)}", file=sys.stderr if file is None else file, flush=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None, main_thread: bool, handler: Any) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
+        hold_interrupts()
         detail = str(exc) if isinstance(exc, Interrupted) else ""
         print(f"tracer: interrupted{': ' + one_line(detail) if detail else ''}", file=sys.stderr, flush=True)
-        return 130
+        if argv is not None and main_thread and handler is not None:
+            signal.signal(signal.SIGINT, handler)  # called in-process: the caller's handler again
+        return 130  # (as the command: further Ctrl-Cs stay ignored while the process ends)
     except Exception as exc:  # noqa: BLE001 - the promise: one line, exit status 2
         if os.environ.get("TRACER_DEBUG"):
             traceback.print_exc()

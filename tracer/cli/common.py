@@ -7,6 +7,8 @@ No torch, no transformers: importing this keeps ``tracer --help`` fast.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -117,3 +119,13 @@ def format_summary(results: Sequence[Result], width: int = 32) -> str:
     lines = [fmt(header), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in rows]
     return "\n".join(lines)
+
+
+def hold_interrupts() -> None:
+    """After a first Ctrl-C: further ones are ignored while what finished is saved, counted and
+    reported, and while the process ends (a second one would lose the partial trace or the
+    report, or end the process by the signal instead of status 130).  :func:`tracer.cli.main`
+    restores the handler when it was called in-process.  Main thread only (signals are)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .common import DEFAULT_PROMPTS, PRESETS, VLLM_PRESETS, CliError, Interrupted, Result, format_summary, shown
+from .common import (DEFAULT_PROMPTS, PRESETS, VLLM_PRESETS, CliError, Interrupted, Result, format_summary,
+                     hold_interrupts, shown)
 from .outputs import PredictionsWriter, save_trace_files
 from .progress import progress_wanted, token_progress
 from .validation import (
@@ -258,6 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for index, prompt in enumerate(prompts):
                     emit(index, runner.run_prompt(prompt, index))
     except KeyboardInterrupt:
+        hold_interrupts()
         _print_summary(writer)
         raise Interrupted(_saved(writer, runner)) from None
     except CliError as exc:
@@ -400,6 +402,7 @@ class Runner:
                 session.pending_prompts = texts
                 output = self.model.generate(**inputs, **kwargs)
         except KeyboardInterrupt:
+            hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
             # the session kept the steps so far (meta.status "interrupted"): save them
             if session.traces and self.args.trace_dir is not None:
                 base = self.args.trace_dir / name

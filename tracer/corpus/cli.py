@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import CliError, Interrupted, shown
+from ..cli.common import CliError, Interrupted, hold_interrupts, shown
 from .data import CorpusError, PromptItem, as_items, read_data_file
 from .dataset import check_dataset_folder, check_known_identity, lock_dataset, open_dataset, pending
 
@@ -207,6 +207,7 @@ def cmd_run_corpus(args: argparse.Namespace) -> int:
                               seed=args.seed, record=_record(args), trace_dir=args.trace_dir,
                               on_batch=on_batch, **runner.settings)
     except KeyboardInterrupt:
+        hold_interrupts()  # (a second Ctrl-C must not lose the count of what is saved)
         raise Interrupted(saved()) from None
     except (CliError, CorpusError) as exc:
         raise CliError(f"{exc}{'; ' + saved() if counter['n'] else ''}") from None
