@@ -391,3 +391,21 @@ def test_tracer_warnings_print_on_one_line_and_an_in_process_interrupt_restores_
     assert signal.getsignal(signal.SIGINT) is before  # (the command itself keeps ignoring them while it ends)
     assert capsys.readouterr().err.splitlines() == ["tracer: warning: recording stopped at step 3 \\x1b[31m",
                                                     "tracer: interrupted"]
+
+
+def test_an_error_after_holding_interrupts_still_restores_sigint_in_process(monkeypatch, capsys):
+    import signal
+
+    import tracer.cli.run as run_cli
+    from tracer.cli import main
+    from tracer.cli.common import CliError, hold_interrupts
+
+    def cmd_run(args):
+        hold_interrupts()  # as the partial-trace save does after a Ctrl-C
+        raise CliError("the disk is full")
+
+    monkeypatch.setattr(run_cli, "cmd_run", cmd_run)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["run"]) == 2
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err.strip() == "tracer: error: the disk is full"

@@ -551,3 +551,64 @@ def test_two_quick_ctrl_c_still_exit_130_with_what_is_saved(tmp_path, gap):
     n = len(open_dataset(d))
     assert last == f"tracer: interrupted: {n} prompt(s) are saved in {d}", lines
     assert not any("Traceback" in ln or "Warning" in ln for ln in lines), lines
+
+
+def test_review_mends_jsonl_rule_lock_errors_fork_and_in_process_release(tmp_path, capsys, no_model, monkeypatch):
+    """What a review of the fixes above found: a malformed JSONL file run as text, a file
+    system without flock refusing every run, a forked process keeping the lock, an in-process
+    CLI run keeping it after it ended, --ray-workers ignored with --use-vllm."""
+    import errno
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tracer.corpus import dataset
+    from tracer.corpus.data import looks_like_jsonl
+
+    for first, jsonl in (("{", True), ("{'id': 1, 'prompt': 'x'}", True), ('{ "id": "a", }', True), ("{}", True),
+                         ("{name} is a placeholder", False), ("plain", False)):
+        assert looks_like_jsonl(first) is jsonl, first
+    f = tmp_path / "pretty.json"
+    f.write_text('{\n  "id": "a",\n  "prompt": "x"\n}\n', encoding="utf-8")
+    with pytest.raises(CorpusError, match="line 1: not valid JSON"):
+        read_data_file(f)
+    # flock unsupported: not held (as without fcntl); held elsewhere: refused
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    dataset.lock_dataset(tmp_path / "nfs")
+    assert os.path.realpath(tmp_path / "nfs") not in dataset._LOCKS
+    monkeypatch.undo()
+    # a forked child does not keep the folder held after its parent releases it
+    d = tmp_path / "ds"
+    dataset.lock_dataset(d)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        time.sleep(20)
+        os._exit(0)
+    try:
+        dataset.unlock_dataset(d)
+        other = subprocess.run([sys.executable, "-c", "import sys; from tracer.corpus.dataset import lock_dataset; "
+                                "lock_dataset(sys.argv[1])", str(d)], capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0, other.stderr
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    # an in-process CLI run releases the folder when it ends (here: refused after taking it)
+    d2 = tmp_path / "d2"
+    w = write_synthetic(d2, seeds=(0,), ids=("1", "2"), prompts=["apple", "banana"], meta={**META, "chat": False,
+                        "settings": {"max_new_tokens": 6, "do_sample": False, "seed": 0, "pad_token_id": 2,
+                                     "eos_token_id": [2]}})
+    w.close()
+    good = tmp_path / "p.txt"
+    good.write_text("kiwi\n", encoding="utf-8")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(d2), "--max-new-tokens", "6"],
+            'prompt id "1" (line 1) is already in dataset')
+    assert os.path.realpath(d2) not in dataset._LOCKS
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    refused(capsys, ["run", "--data-file", str(good), "--dataset", str(tmp_path / "d3"), "--use-vllm",
+                     "--ray-workers", "3"], "--ray-workers applies to --ray (not to --use-vllm)")

@@ -194,12 +194,16 @@ def test_terminal_safe():
     family = "👨\u200d👩\u200d👧 北京 e\u0301"
     assert terminal_safe(family) == family  # ZWJ, CJK and combining marks are kept
     assert terminal_safe("x" * 10, limit=5) == "xxxx…"
-    # invisible format characters would hide a difference (ids "a" and "a\u200b" look alike)
-    assert terminal_safe("a\u200b|\ufeff|soft\u00adhyphen|\U000e0041") == "a\\u200b|\\ufeff|soft\\xadhyphen|\\U000e0041"
-    assert html_text("a\u200bb") == "a\\u200bb"
+    # format characters are text (Thai breaks words with U+200B, Arabic number signs are drawn) ...
+    thai, arabic = "สวัสดี\u200bครับ", "\u0600\u0661\u0662 \u06dd"
+    assert terminal_safe(thai) == thai and terminal_safe(arabic) == arabic and html_text(thai) == thai
+    # ... but in an identifier they would hide a difference (ids "a" and "a\u200b" look alike)
     from tracer.cli.common import shown
+    from tracer.text import identifier_safe
 
-    assert shown("a\u200bb\u200d") == "a\\u200bb\u200d"  # one rule in the CLI lines too
+    assert identifier_safe("a\u200b|\ufeff|soft\u00adhyphen|\U000e0041|x\u200dy") == \
+        "a\\u200b|\\ufeff|soft\\xadhyphen|\\U000e0041|x\u200dy"
+    assert shown("a\u200bb\u200d") == "a\\u200bb\u200d"  # the same rule in the CLI lines
     assert not re.search(r"[\x00-\x1f\x7f-\x9f]", terminal_safe("".join(map(chr, range(256)))))
 
 

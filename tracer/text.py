@@ -47,7 +47,8 @@ __all__ = [
 MARKS = {"\n": "↵", "\t": "⇥", "\r": "␍"}
 SPACE_MARK = "·"  # a space in a token made only of whitespace
 UNKNOWN_BYTES = "\\x??"  # a part-character token of a trace without token bytes
-#: Format characters written raw: zero-width (non-)joiners build emoji and scripts.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+#: Format characters an identifier keeps raw: zero-width (non-)joiners build emoji and scripts.
 JOINERS = frozenset("\u200c\u200d")
 
 
@@ -60,18 +61,30 @@ def _escape_char(c: str) -> str:
     return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
+def _unsafe(c: str) -> bool:
+    """Characters of text (prompts, token texts, answers) never written raw: controls (C0, DEL,
+    C1), lone surrogates, line/paragraph separators and bidirectional overrides (which can
+    reorder what a terminal shows).  Other format characters are text: Thai and Khmer break
+    words with U+200B, Arabic number signs are drawn, a subdivision flag is built of tags."""
+    return unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI
+
+
 def unsafe_char(c: str) -> bool:
-    """Characters never written raw, in every view and terminal line: controls (C0, DEL, C1),
-    lone surrogates, line/paragraph separators and format characters: bidirectional overrides
-    (which can reorder what a terminal shows), zero-width spaces, the BOM, soft hyphens (which
-    hide a difference: two ids, one with U+200B, would look alike; tag characters, which can
-    carry invisible text, are escaped too, a subdivision flag's among them).  Except the
-    zero-width (non-)joiners, parts of emoji and scripts."""
+    """Characters of an identifier (a prompt id, a path, a name in a CLI line) never written
+    raw: those of :func:`_unsafe`, and every other format character but the zero-width
+    (non-)joiners (a zero-width space, a BOM, a soft hyphen or a tag character would make two
+    ids that differ look alike)."""
     cat = unicodedata.category(c)
     return cat in ("Cc", "Cs", "Zl", "Zp") or (cat == "Cf" and c not in JOINERS)
 
 
-_unsafe = unsafe_char
+def identifier_safe(s: Any, limit: int | None = None) -> str:
+    """:func:`terminal_safe` for an identifier (prompt id, dataset name): also escapes the
+    format characters :func:`unsafe_char` names."""
+    text = str(s)
+    if limit is None:
+        return "".join(_escape_char(c) if unsafe_char(c) else c for c in text)
+    return clip(escaped_units(text, unsafe_char), limit)
 
 
 def escape_bytes(data: bytes) -> str:

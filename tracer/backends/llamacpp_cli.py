@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..cli.common import CliError, Interrupted, Result, hold_interrupts, shown
+from ..cli.common import CliError, Interrupted, Result, hold_interrupts, release_interrupts, shown
 from .llamacpp import INSTALL_HINT
 
 #: transformers' global defaults for what a sampling run does not set (the embedded model's
@@ -196,8 +196,12 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
     try:
         [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], **settings)
     except InterruptedRun as exc:
-        if args.trace_dir is not None:
-            save_trace_files(exc.trace, Path(args.trace_dir) / name, exports=False)
+        held = hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
+        try:
+            if args.trace_dir is not None:
+                save_trace_files(exc.trace, Path(args.trace_dir) / name, exports=False)
+        finally:
+            release_interrupts(held)
         raise KeyboardInterrupt from None
     elapsed = time.perf_counter() - start
     new = [int(t) for t in trace.generated_ids()]

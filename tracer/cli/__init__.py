@@ -24,7 +24,7 @@ import warnings
 from typing import Any, Sequence
 
 from .common import (DEFAULT_PROMPTS, PRESETS, SEED_SYSTEM_PROMPT, CliError, Interrupted, Result, format_summary,
-                     hold_interrupts, shown)
+                     end_interrupted, hold_interrupts, shown)
 from .inspect_cmd import add_inspect_parser
 from .run import add_run_parser
 
@@ -122,9 +122,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main_thread else None
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning  # tracer's own warnings: one line each, like its errors
-        return _run(args, argv, main_thread, handler)
+    shown_before = warnings.showwarning
+    warnings.showwarning = _show_warning  # tracer's own warnings: one line each, like its errors
+    try:
+        code = _run(args)
+    finally:
+        warnings.showwarning = shown_before
+        if main_thread and handler is not None and argv is not None:
+            signal.signal(signal.SIGINT, handler)  # called in-process: the caller's handler again
+    if code == 130 and argv is None:
+        end_interrupted()  # the command: a Ctrl-C while the process ends exits 130 at once
+    return code
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
@@ -137,16 +145,14 @@ def _show_warning(message: Any, category: type, filename: str, lineno: int, file
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str] | None, main_thread: bool, handler: Any) -> int:
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as exc:
-        hold_interrupts()
+        hold_interrupts()  # (restored by main for an in-process call)
         detail = str(exc) if isinstance(exc, Interrupted) else ""
         print(f"tracer: interrupted{': ' + one_line(detail) if detail else ''}", file=sys.stderr, flush=True)
-        if argv is not None and main_thread and handler is not None:
-            signal.signal(signal.SIGINT, handler)  # called in-process: the caller's handler again
-        return 130  # (as the command: further Ctrl-Cs stay ignored while the process ends)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the promise: one line, exit status 2
         if os.environ.get("TRACER_DEBUG"):
             traceback.print_exc()

@@ -6,6 +6,7 @@ No torch, no transformers: importing this keeps ``tracer --help`` fast.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
@@ -121,11 +122,44 @@ def format_summary(results: Sequence[Result], width: int = 32) -> str:
     return "\n".join(lines)
 
 
-def hold_interrupts() -> None:
+def hold_interrupts() -> Any:
     """After a first Ctrl-C: further ones are ignored while what finished is saved, counted and
-    reported, and while the process ends (a second one would lose the partial trace or the
-    report, or end the process by the signal instead of status 130).  :func:`tracer.cli.main`
-    restores the handler when it was called in-process.  Main thread only (signals are)."""
+    reported (a second one would lose the partial trace or the report).  Returns the handler
+    it replaced, for :func:`release_interrupts`.  Main thread only (signals are)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def release_interrupts(handler: Any) -> None:
+    """The SIGINT handler :func:`hold_interrupts` replaced, back."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def _exit_interrupted(signum: int, frame: Any) -> None:  # pragma: no cover - ends the process
+    os._exit(130)
+
+
+_ENDING = []  # set by end_interrupted: the command was interrupted and is ending
+
+
+def end_interrupted() -> None:
+    """The command was interrupted and has reported: while the process ends, another Ctrl-C
+    ends it at once with status 130 (Ray's or vLLM's shutdown at exit may take a while), never
+    by the signal (status -2) or a traceback.  For the ``tracer`` command only."""
     if threading.current_thread() is threading.main_thread():
+        _ENDING.append(True)
+        signal.signal(signal.SIGINT, _exit_interrupted)
+
+
+def _quiet_finalisation() -> None:  # pragma: no cover - runs at exit
+    """Last of the exit handlers (registered first): the interpreter's finalisation resets a
+    Python-level SIGINT handler to the default (a Ctrl-C there would end the process by the
+    signal), but leaves SIG_IGN alone."""
+    if _ENDING and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+atexit.register(_quiet_finalisation)
 

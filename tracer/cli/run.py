@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .common import (DEFAULT_PROMPTS, PRESETS, VLLM_PRESETS, CliError, Interrupted, Result, format_summary,
-                     hold_interrupts, shown)
+                     hold_interrupts, release_interrupts, shown)
 from .outputs import PredictionsWriter, save_trace_files
 from .progress import progress_wanted, token_progress
 from .validation import (
@@ -402,12 +402,15 @@ class Runner:
                 session.pending_prompts = texts
                 output = self.model.generate(**inputs, **kwargs)
         except KeyboardInterrupt:
-            hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
-            # the session kept the steps so far (meta.status "interrupted"): save them
-            if session.traces and self.args.trace_dir is not None:
-                base = self.args.trace_dir / name
-                save_trace_files(session.traces[-1], base, exports=False)
-                self.partial_trace = base.with_suffix(".trace")
+            held = hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
+            try:
+                # the session kept the steps so far (meta.status "interrupted"): save them
+                if session.traces and self.args.trace_dir is not None:
+                    base = self.args.trace_dir / name
+                    save_trace_files(session.traces[-1], base, exports=False)
+                    self.partial_trace = base.with_suffix(".trace")
+            finally:
+                release_interrupts(held)
             raise
         return session.trace, output
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..cli.common import CliError, Interrupted, hold_interrupts, shown
 from .data import CorpusError, PromptItem, as_items, read_data_file
-from .dataset import check_dataset_folder, check_known_identity, lock_dataset, open_dataset, pending
+from .dataset import check_dataset_folder, check_known_identity, lock_dataset, open_dataset, pending, unlock_dataset
 
 __all__ = ["add_run_options", "cmd_run_corpus", "cmd_compare_corpus", "refuse_corpus_options", "check_ray_address"]
 
@@ -70,15 +70,15 @@ def validate(args: argparse.Namespace) -> list[PromptItem]:
     args.batch_size = BATCH_SIZE if args.batch_size is None else args.batch_size
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.ray_workers is not None and not args.ray and not os.environ.get("RAY_ADDRESS"):
-        raise CliError("--ray-workers applies to --ray")
-    args.ray_workers = RAY_WORKERS if args.ray_workers is None else args.ray_workers
-    if args.ray and args.ray_workers < 1:
-        raise CliError(f"--ray-workers must be at least 1, got {args.ray_workers}")
     if args.ray and args.use_vllm:
         raise CliError("--ray with --use-vllm is not supported: vLLM shards itself (see docs/corpus.md)")
     # RAY_ADDRESS set also runs on Ray (docs/corpus.md); never for vLLM
     args.use_ray = bool(args.ray or os.environ.get("RAY_ADDRESS")) and not args.use_vllm
+    if args.ray_workers is not None and not args.use_ray:
+        raise CliError("--ray-workers applies to --ray" + (" (not to --use-vllm)" if args.use_vllm else ""))
+    args.ray_workers = RAY_WORKERS if args.ray_workers is None else args.ray_workers
+    if args.use_ray and args.ray_workers < 1:
+        raise CliError(f"--ray-workers must be at least 1, got {args.ray_workers}")
     if args.load_in_4bit and args.load_in_8bit:
         raise CliError("choose one of --load-in-4bit and --load-in-8bit")
     if args.system is not None and not args.with_prompt:
@@ -113,7 +113,8 @@ def validate(args: argparse.Namespace) -> list[PromptItem]:
         check_output_folder(args.trace_dir, "--trace-dir")
     if args.use_ray:
         check_ray_address(os.environ.get("RAY_ADDRESS"))
-    lock_dataset(args.dataset)  # made if absent, proved writable, held until this process ends
+    lock_dataset(args.dataset)  # made if absent, proved writable, held until the run ends (cmd_run_corpus)
+    args.dataset_locked = True
     pending(args.dataset, items)  # an id already there under another prompt: refused now
     return items
 
@@ -164,6 +165,15 @@ def _known_identity(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
 
 
 def cmd_run_corpus(args: argparse.Namespace) -> int:
+    try:
+        return _run_corpus(args)
+    finally:
+        if getattr(args, "dataset_locked", False):  # (taken by validate)
+            args.dataset_locked = False
+            unlock_dataset(args.dataset)
+
+
+def _run_corpus(args: argparse.Namespace) -> int:
     try:
         items = validate(args)
     except CorpusError as exc:

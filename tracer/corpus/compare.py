@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ..text import html_text, terminal_safe
+from ..text import html_text, identifier_safe, terminal_safe
 from .data import CorpusError
 from .dataset import CorpusDataset, open_dataset
 
@@ -170,7 +170,7 @@ class CorpusComparison:
     def text(self, n: int = 5) -> str:
         s = self.summary
         counts = "".join(", " + terminal_safe(c) for c in self._counts())
-        lines = [f"corpus compare: A = {terminal_safe(self.name_a)}, B = {terminal_safe(self.name_b)}"]
+        lines = [f"corpus compare: A = {identifier_safe(self.name_a)}, B = {identifier_safe(self.name_b)}"]
         differs = self.differs_line()
         if differs:
             lines.append(differs)
@@ -180,7 +180,7 @@ class CorpusComparison:
                   f"mean KL lower bound: {s['mean_kl_lb']:.4g} nats"]
         for _, row in self.most_different(n).iterrows():
             pre, ra, rb = self.aligned[row.prompt_id]
-            lines.append(f"  prompt {terminal_safe(row.prompt_id, 40)}: diverges at token {row.first_divergence}"
+            lines.append(f"  prompt {identifier_safe(row.prompt_id, 40)}: diverges at token {row.first_divergence}"
                          f"{' (near-tie)' if row.near_tie else ''}: ...{terminal_safe(pre[-40:])}"
                          f" | A: {terminal_safe(ra, 60)} | B: {terminal_safe(rb, 60)}")
         return "\n".join(lines)
@@ -197,7 +197,7 @@ class CorpusComparison:
         for r in self.most_different(n).itertuples():
             pre, ra, rb = self.aligned[r.prompt_id]
             rows.append(
-                f"<tr><td>{esc(r.prompt_id)}</td><td>{int(r.first_divergence)}</td>"
+                f"<tr><td>{esc(identifier_safe(r.prompt_id))}</td><td>{int(r.first_divergence)}</td>"
                 f"<td>{r.identical_fraction:.2f}</td><td>{'yes' if r.near_tie else ''}</td>"
                 f"<td>{esc(r.prompt)}</td><td class='t'><span class='pre'>{esc(pre)}</span>"
                 f"<span class='a'>{esc(ra)}</span></td><td class='t'><span class='pre'>{esc(pre)}</span>"
@@ -210,7 +210,7 @@ class CorpusComparison:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top}}
 .bar{{background:#4a7fd0;height:12px}}.t{{white-space:pre-wrap;max-width:28em}}.pre{{color:#888}}
 .a{{background:#fde2e2}}.b{{background:#dff5e1}}.differ{{background:#fff3cd;padding:4px}}</style></head><body>
-<h1>Corpus comparison</h1><p>A: <code>{esc(self.name_a)}</code><br>B: <code>{esc(self.name_b)}</code></p>{differs}
+<h1>Corpus comparison</h1><p>A: <code>{esc(identifier_safe(self.name_a))}</code><br>B: <code>{esc(identifier_safe(self.name_b))}</code></p>{differs}
 <ul><li>prompts: {s['prompts']}; identical answers: {s['identical']} ({s['identical_fraction']:.1%})</li>{counts}
 <li>diverging: {s['diverging']}; near-tie divergences: {s['near_ties']}</li>
 <li>mean |Δ log-prob| on shared tokens: {s['mean_abs_dlogprob']:.4g} (max {s['max_abs_dlogprob']:.4g})</li>

@@ -44,14 +44,16 @@ def split_lines(text: str) -> list[str]:
 
 
 def looks_like_jsonl(first_line: str) -> bool:
-    """A data file is JSONL when its first non-blank line is a JSON object or starts like one
-    (``{"``: a malformed one is then reported with its line number); ``{name} ...`` is text.
-    The one rule of ``tracer run --data-file``, with or without ``--dataset``."""
+    """A data file is JSONL when its first non-blank line is a JSON object or starts like one:
+    ``{`` then (after spaces) a quote, ``}`` or nothing (``{"id"``, ``{ 'id'``, a pretty-printed
+    ``{``), so that a malformed file is refused with its line number, not run as text; ``{name}
+    is ...`` is text.  The one rule of ``tracer run --data-file``, with or without ``--dataset``."""
     line = first_line.strip()
-    if line.startswith('{"'):
-        return True
     if not line.startswith("{"):
         return False
+    rest = line[1:].lstrip()
+    if not rest or rest[0] in "\"'}":
+        return True
     try:
         return isinstance(json.loads(line), dict)
     except (ValueError, RecursionError):

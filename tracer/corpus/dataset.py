@@ -14,6 +14,7 @@ killed run leaves only whole files, and a part counts once its ``sequences`` fil
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -84,11 +85,28 @@ def lock_dataset(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        raise CorpusError(f"dataset {path} is being written by another run right now: wait for it to end, "
-                          "or use another folder") from None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise CorpusError(f"dataset {path} is being written by another run right now: wait for it to end, "
+                              "or use another folder") from None
+        return  # a file system without flock (some NFS, Lustre, FUSE): not held, as without fcntl
     _LOCKS[key] = [fd, 1]
+
+
+def _forget_locks_in_child() -> None:
+    """A forked process (vLLM's engine, say) does not hold the folders its parent holds: a lock
+    would otherwise last as long as any such process, the parent's end not releasing it."""
+    for fd, _ in _LOCKS.values():
+        try:
+            os.close(fd)  # (the parent's descriptor, and its lock, stay)
+        except OSError:
+            pass
+    _LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def unlock_dataset(path: str | Path) -> None:
