@@ -593,3 +593,56 @@ def test_a_criterion_returning_integers_is_read_as_generate_reads_it(tiny_model)
     assert [bool(s.active[0]) for s in trace.steps] == [True] * 4
     assert trace.generated_ids(0).tolist() == out[0, 5:].tolist()
     assert trace.stop_reasons[0].kind == "criteria" and trace.stop_reasons[0].text == "_Counts"
+
+
+def test_newly_masked_counts_what_a_processor_masked_not_the_net_change(tiny_model, tmp_path):
+    """A processor that unmasks 3 tokens and masks 5 others masked 5 (the net change is 2)."""
+    from tracer.analysis.processors import stage_records
+    from tracer.storage import load_trace, save_trace
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = scores.clone()
+            out[:, 10:20] = -float("inf")
+            return out
+
+    class Swap(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = scores.clone()
+            out[:, 10:13] = 0.0
+            out[:, 30:35] = -float("inf")
+            return out
+
+    inputs = make_inputs(batch=2, seq=5)
+    procs = LogitsProcessorList([Ban(), Swap()])
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4, logits_processor=procs)
+    ref = _generate(tiny_model, inputs, **kw)
+    out, trace = _traced(tiny_model, inputs, **kw)
+    assert torch.equal(ref, out)
+    for step in trace.steps:
+        ban, swap = step.processors[-2:]
+        assert ban.name == "Ban" and swap.name == "Swap"
+        assert ban.newly_masked.tolist() == [10, 10]
+        assert swap.newly_masked.tolist() == [5, 5]
+        # (MinNewTokensLength masked the end token first: n_masked 11 after Ban, 13 after Swap, net 2)
+        assert step.stages[-2].n_masked.tolist() == [11, 11] and step.stages[-1].n_masked.tolist() == [13, 13]
+    loaded = load_trace(save_trace(trace, tmp_path / "t.trace"))
+    assert loaded.steps[2].processors[-1].newly_masked.tolist() == [5, 5]
+    # the reprocessing arithmetic counts the same way
+    logits = torch.zeros(2, 256)
+    rows = [("logits", {}, logits), ("Ban", {}, Ban()(None, logits)), ("Swap", {}, Swap()(None, Ban()(None, logits)))]
+    stages = stage_records(rows, torch.tensor([40, 41]), top_k=5)
+    assert [s.newly_masked.tolist() for s in stages] == [[0, 0], [10, 10], [5, 5]]
+
+
+def test_newly_neginf_cpu_shortcut_counts_as_the_full_comparison():
+    from tracer.stage_stats import count_neginf, newly_neginf
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 50, generator=gen)
+    for r, b, lo, hi in [(1, 0, 0, 9), (2, 0, 5, 20), (2, 1, 0, 3), (4, 2, 10, 11), (5, 2, 0, 50), (6, 1, 1, 2)]:
+        x[r, b, lo:hi] = -float("inf")
+    got = newly_neginf(x, count_neginf(x))
+    want = count_neginf(x).clone()
+    want[1:] = (torch.isneginf(x[1:]) & ~torch.isneginf(x[:-1])).sum(-1)
+    assert torch.equal(got[1:], want[1:]) and torch.equal(got[0], count_neginf(x)[0])

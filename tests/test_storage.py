@@ -177,7 +177,8 @@ def test_storage_knows_every_record_field():
 
     known = {
         "TopK": ["ids", "values", "logsumexp"],
-        "Stage": ["name", "params", "top", "n_masked", "chosen_rank", "chosen_logprob", "kl", "entropy"],
+        "Stage": ["name", "params", "top", "n_masked", "chosen_rank", "chosen_logprob", "kl", "entropy",
+                  "newly_masked"],
         "StepInputs": ["input_ids", "position_ids", "cache_slots", "attention_mask_shape", "cache_len_before",
                        "names", "attention_mask", "mask_padding", "logits_to_keep", "cache_class"],
         "AttentionStats": ["layers", "entropy", "sink", "argmax"],

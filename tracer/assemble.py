@@ -67,6 +67,7 @@ class StageRows:
     masked: np.ndarray
     kl: np.ndarray
     entropy: np.ndarray
+    added: np.ndarray  # entries at -inf here and not in the step's previous row (0: the first row)
 
 
 @dataclass
@@ -239,6 +240,7 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "
             chosen_logprob=own(d.logps[j], np.float32),
             kl=own(st.kl, np.float32),
             entropy=own(st.entropy, np.float32),
+            newly_masked=own(st.added, np.int64),
         )
         for j, st in enumerate(d.stages)
     )

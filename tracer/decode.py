@@ -112,6 +112,10 @@ def _decode_stages(doc: Doc, st: dict, tab: Tables, b: int, n: int) -> list[tupl
     lse = tab.get("stages.logsumexp", (n, n_stages, b), np.float32)
     cols = {name: tab.get(f"stages.{name}", (n, n_stages, b), dtype) for name, dtype in STAGE_COLUMNS}
     entropy = tab.get("stages.entropy", (n, n_stages, b), np.float32) if has_ent is not None else None
+    has_newly = st.get("stage_has_newly_masked", False)  # optional: absent in traces saved before it
+    if not isinstance(has_newly, bool):
+        raise doc.fail("steps.stage_has_newly_masked must be true or false")
+    newly = tab.get("stages.newly_masked", (n, n_stages, b), np.int64) if has_newly else None
     return [
         tuple(
             Stage(
@@ -119,6 +123,7 @@ def _decode_stages(doc: Doc, st: dict, tab: Tables, b: int, n: int) -> list[tupl
                 params=params[i][j],
                 top=TopK(ids=top_ids[i, j], values=top_values[i, j], logsumexp=lse[i, j]),
                 entropy=entropy[i, j] if entropy is not None and has_ent[i][j] else None,
+                newly_masked=newly[i, j] if newly is not None else None,
                 **{name: cols[name][i, j] for name, _ in STAGE_COLUMNS},
             )
             for j in range(n_stages)

@@ -84,10 +84,16 @@ def _encode_stages(steps: Sequence[StepRecord], b: int, t: dict[str, np.ndarray]
         t[f"stages.{name}"] = col(lambda st, name=name: getattr(st, name), dtype, (b,), f"stage {name}")
     nan = np.full(b, np.nan, np.float32)  # entropy is optional per stage: NaN where absent (flags in manifest)
     t["stages.entropy"] = col(lambda st: nan if st.entropy is None else st.entropy, np.float32, (b,), "stage entropy")
+    # newly masked per stage: kept when every stage has it (a trace from tracer's recorder); else
+    # left out, and read back as None (the net change of n_masked stands in)
+    newly = bool(steps) and all(st.newly_masked is not None for s in steps for st in s.stages)
+    if newly:
+        t["stages.newly_masked"] = col(lambda st: st.newly_masked, np.int64, (b,), "stage newly_masked")
     return {
         "stage_names": [[str(st.name) for st in s.stages] for s in steps],
         "stage_params": [[jsonable(dict(st.params)) for st in s.stages] for s in steps],
         "stage_has_entropy": [[st.entropy is not None for st in s.stages] for s in steps],
+        "stage_has_newly_masked": newly,
     }
 
 

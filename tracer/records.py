@@ -78,6 +78,10 @@ class Stage:
     chosen_logprob: np.ndarray  # (B,) float32, log-prob of the chosen token here (-inf: masked)
     kl: np.ndarray  # (B,) float32, KL(p_this || p_previous) in nats; 0 for stage 0
     entropy: np.ndarray | None = None  # (B,) float32, entropy of the full softmax row, nats
+    # (B,) int64, entries at -inf here that were not at the stage before (0 for stage 0); None
+    # where not recorded (traces saved before it, engines that keep top-k only): then the net
+    # change of n_masked stands in
+    newly_masked: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class ProcessorEffect:
     params: Mapping[str, Any]
     before: TopK
     after: TopK
-    newly_masked: np.ndarray  # (B,) int64, -inf entries it added: n_masked after - before, 0 if fewer (net: one that also unmasks shows the difference)
+    newly_masked: np.ndarray  # (B,) int64, entries it set to -inf (Stage.newly_masked; where a trace lacks it, the net change n_masked after - before, 0 if fewer)
     chosen_rank_before: np.ndarray  # (B,) int64
     chosen_rank_after: np.ndarray  # (B,) int64
     chosen_prob_before: np.ndarray  # (B,) float32
@@ -221,7 +225,8 @@ class StepRecord:
                     params=a.params,
                     before=b.top,
                     after=a.top,
-                    newly_masked=np.maximum(a.n_masked - b.n_masked, 0),
+                    newly_masked=(a.newly_masked if a.newly_masked is not None
+                                  else np.maximum(a.n_masked - b.n_masked, 0)),
                     chosen_rank_before=b.chosen_rank,
                     chosen_rank_after=a.chosen_rank,
                     chosen_prob_before=np.exp(b.chosen_logprob).astype(np.float32),

@@ -25,7 +25,7 @@ import torch
 from ._device import to_host
 from .assemble import FinishedStep, StageRows
 
-__all__ = ["ROW_POOL_BYTES", "STATS_GROUP_BYTES", "RowPool", "Waiting", "count_neginf", "ranks"]
+__all__ = ["ROW_POOL_BYTES", "STATS_GROUP_BYTES", "RowPool", "Waiting", "count_neginf", "newly_neginf", "ranks"]
 
 #: The pool holds about this many bytes of score rows (at least one step's).
 ROW_POOL_BYTES = 32 << 20
@@ -158,8 +158,10 @@ class RowPool:
         elif x.shape[0] > 1:
             kl[1:] = (p[1:] * (logp[1:] - logp[:-1])).nansum(-1)
         chosen_lp = logp.gather(-1, chosen.unsqueeze(-1))
-        results = dict(ids=ids, values=values.float(), lse=lse, masked=count_neginf(x), kl=kl, entropy=entropy,
-                       ranks=ranks(x, logp, chosen, chosen_lp, values, ids), logp=chosen_lp.squeeze(-1))
+        masked = count_neginf(x)
+        results = dict(ids=ids, values=values.float(), lse=lse, masked=masked, added=newly_neginf(x, masked), kl=kl,
+                       entropy=entropy, ranks=ranks(x, logp, chosen, chosen_lp, values, ids),
+                       logp=chosen_lp.squeeze(-1))
         # to the host without waiting (read in records(), after the recorder's one synchronisation)
         host = {k: v if v.device.type == "cpu" else to_host(v) for k, v in results.items()}
         self.groups.append((group, first, host))
@@ -179,8 +181,10 @@ class RowPool:
                     at = base + r  # a stage that changed nothing shares its predecessor's row, KL 0
                     got = {k: (v[at] if r != prev else v[at].copy()) for k, v in a.items()}
                     kl = np.zeros_like(got["kl"]) if r == prev or r == 0 else got["kl"]
+                    # (a stage that changed nothing masked nothing; the logits row has no row before it)
+                    added = np.zeros_like(got["added"]) if r == prev or r == 0 else got["added"]
                     stages.append(StageRows(name, params, got["ids"], got["values"], got["lse"], got["masked"], kl,
-                                            got["entropy"]))
+                                            got["entropy"], added))
                     ranks_.append(got["ranks"])
                     logps.append(got["logp"])
                     prev = r
@@ -198,6 +202,25 @@ def count_neginf(x: torch.Tensor) -> torch.Tensor:
     if rows.numel():  # (indices, not a read of values: nothing here is on a device)
         counts[rows] = torch.isneginf(flat[rows]).sum(-1)
     return counts.view(x.shape[:-1])
+
+
+def newly_neginf(x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Per row of ``(n, B, V)``: entries at ``-inf`` that are not at ``-inf`` in the row before
+    (row 0: its own count; only a step's later rows use theirs).  ``masked``: each row's count
+    (:func:`count_neginf`).  On a CPU only the rows where both have ``-inf`` entries are compared
+    entry by entry, in one op (after a raw logits row, which has none, the count is the row's own);
+    on an accelerator every row is (a few kernels, no host read)."""
+    added = masked.clone()
+    if x.shape[0] < 2:
+        return added
+    if x.device.type != "cpu":
+        added[1:] = (torch.isneginf(x[1:]) & ~torch.isneginf(x[:-1])).sum(-1)
+        return added
+    both = ((masked[1:] > 0) & (masked[:-1] > 0)).nonzero()  # (k, 2): the row before, the sequence
+    if both.numel():
+        r, b = both.unbind(1)
+        added[r + 1, b] = (torch.isneginf(x[r + 1, b]) & ~torch.isneginf(x[r, b])).sum(-1)
+    return added
 
 
 def ranks(x: torch.Tensor, logp: torch.Tensor, chosen: torch.Tensor, chosen_lp: torch.Tensor,

@@ -83,7 +83,7 @@ def make_trace(
         names = ["logits", "TemperatureLogitsWarper", "TopKLogitsWarper"]
         params = [{}, {"temperature": temperature}, {"top_k": k_keep, "filter_value": "-inf"}]
         stages = []
-        prev_p = None
+        prev_p = prev_row = None
         for row, name, par in zip(rows, names, params):
             order = np.argsort(-row, axis=-1, kind="stable")[:, :top_k]
             lse = _lse(np.where(np.isfinite(row), row, -1e30))
@@ -106,6 +106,8 @@ def make_trace(
                         logsumexp=lse,
                     ),
                     n_masked=np.isneginf(row).sum(-1).astype(np.int64),
+                    newly_masked=(np.zeros(batch, np.int64) if prev_row is None else
+                                  (np.isneginf(row) & ~np.isneginf(prev_row)).sum(-1).astype(np.int64)),
                     chosen_rank=rank,
                     chosen_logprob=logp[np.arange(batch), chosen].astype(np.float32),
                     kl=kl,

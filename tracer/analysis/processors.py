@@ -169,8 +169,9 @@ def stage_records(
     with torch.no_grad():
         for name, params, scores in rows:
             if kept and (scores is prev_scores or torch.equal(scores, prev_scores)):
-                _, _, ids, values, lse, masked, _, entropy = kept[-1]
+                _, _, ids, values, lse, masked, _, entropy, _ = kept[-1]
                 kl, logp = torch.zeros_like(lse), logps[-1]
+                added = torch.zeros_like(masked)
             else:
                 k = min(top_k, scores.shape[-1])
                 values, ids = torch.topk(scores, k, dim=-1)
@@ -182,7 +183,9 @@ def stage_records(
                 p = logp.exp()
                 entropy = torch.special.entr(p).sum(-1)
                 kl = (p * (logp - logps[-1])).nansum(-1) if logps else torch.zeros_like(lse)
-            kept.append((name, dict(params), ids, values, lse, masked, kl, entropy))
+                added = ((torch.isneginf(scores) & ~torch.isneginf(prev_scores)).sum(-1) if prev_scores is not None
+                         else torch.zeros_like(masked))
+            kept.append((name, dict(params), ids, values, lse, masked, kl, entropy, added))
             logps.append(logp)
             prev_scores = scores
         stacked = torch.stack(logps)
@@ -201,8 +204,9 @@ def stage_records(
             chosen_logprob=_np(chosen_lp[j]).astype(np.float32),
             kl=_np(kl).astype(np.float32),
             entropy=_np(entropy).astype(np.float32),
+            newly_masked=_np(added).astype(np.int64),
         )
-        for j, (name, params, ids, values, lse, masked, kl, entropy) in enumerate(kept)
+        for j, (name, params, ids, values, lse, masked, kl, entropy, added) in enumerate(kept)
     )
 
 

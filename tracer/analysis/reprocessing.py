@@ -60,7 +60,9 @@ class Reprocessed:
                 best = int(st.top.ids[b, 0])
                 rows.append({
                     "seq": b, "stage": i, "name": st.name, "params": dict(st.params),
-                    "n_masked": int(st.n_masked[b]), "newly_masked": max(int(st.n_masked[b]) - prev_masked, 0),
+                    "n_masked": int(st.n_masked[b]),
+                    "newly_masked": (int(st.newly_masked[b]) if st.newly_masked is not None
+                                     else max(int(st.n_masked[b]) - prev_masked, 0)),
                     "chosen": int(self.chosen[b]), "chosen_text": self.token_text.get(int(self.chosen[b]), ""),
                     "chosen_rank": int(st.chosen_rank[b]),
                     "chosen_prob": float(np.exp(np.float64(st.chosen_logprob[b]))),
