@@ -113,7 +113,7 @@ def make_trace(
                     kl=kl,
                 )
             )
-            prev_p = p
+            prev_p, prev_row = p, row
         active = unfinished.copy()
         finished = active & (chosen == eos)
         reasons = tuple((StopReason("eos", eos, "<|eot|>") if finished[b] else None) for b in range(batch))
