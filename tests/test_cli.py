@@ -409,3 +409,23 @@ def test_an_error_after_holding_interrupts_still_restores_sigint_in_process(monk
     assert main(["run"]) == 2
     assert signal.getsignal(signal.SIGINT) is before
     assert capsys.readouterr().err.strip() == "tracer: error: the disk is full"
+
+
+def test_main_without_argv_called_from_python_leaves_sigint_as_it_was(monkeypatch, capsys):
+    """Only the tracer command (tracer.cli.command) keeps Ctrl-C off while the process ends;
+    main() called from Python with sys.argv gives the caller its handler back."""
+    import signal
+    import sys
+
+    import tracer.cli.run as run_cli
+    from tracer.cli import main
+
+    def cmd_run(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_cli, "cmd_run", cmd_run)
+    monkeypatch.setattr(sys, "argv", ["tracer", "run"])
+    before = signal.getsignal(signal.SIGINT)
+    assert main() == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err.strip() == "tracer: interrupted"

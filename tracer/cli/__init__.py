@@ -36,6 +36,7 @@ __all__ = [
     "CliError",
     "Result",
     "build_parser",
+    "command",
     "format_summary",
     "main",
 ]
@@ -114,7 +115,17 @@ def _is_tracer_error(exc: BaseException) -> bool:
     return isinstance(exc, (ModelLoadError, TracerError))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def command() -> int:
+    """The ``tracer`` command (console script and ``python -m tracer``): :func:`main` on
+    ``sys.argv``, owning the process: after a Ctrl-C it has reported, another one while the
+    process ends exits with status 130 at once (never by the signal, status -2)."""
+    return main(None, _command=True)
+
+
+def main(argv: Sequence[str] | None = None, *, _command: bool = False) -> int:
+    """Run one ``tracer`` command line (``argv``; default ``sys.argv[1:]``) and return its exit
+    status.  Called in-process, SIGINT's handler and ``warnings.showwarning`` are as before on
+    return."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -128,9 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _run(args)
     finally:
         warnings.showwarning = shown_before
-        if main_thread and handler is not None and argv is not None:
+        if main_thread and handler is not None and not _command:
             signal.signal(signal.SIGINT, handler)  # called in-process: the caller's handler again
-    if code == 130 and argv is None:
+    if code == 130 and _command:
         end_interrupted()  # the command: a Ctrl-C while the process ends exits 130 at once
     return code
 
