@@ -81,10 +81,7 @@ def unsafe_char(c: str) -> bool:
 def identifier_safe(s: Any, limit: int | None = None) -> str:
     """:func:`terminal_safe` for an identifier (prompt id, dataset name): also escapes the
     format characters :func:`unsafe_char` names."""
-    text = str(s)
-    if limit is None:
-        return "".join(_escape_char(c) if unsafe_char(c) else c for c in text)
-    return clip(escaped_units(text, unsafe_char), limit)
+    return _escaped(str(s), unsafe_char, limit)
 
 
 def escape_bytes(data: bytes) -> str:
@@ -216,10 +213,13 @@ def terminal_safe(s: Any, limit: int | None = None) -> str:
     newlines), lone surrogates, line separators and bidi overrides escaped; emoji, ZWJ
     sequences and combining marks kept.  Past ``limit`` terminal columns, cut with "…" by
     :func:`clip`: never inside a character, an emoji cluster or an escape."""
-    text = str(s)
+    return _escaped(str(s), _unsafe, limit)
+
+
+def _escaped(text: str, unsafe: Callable[[str], bool], limit: int | None) -> str:
     if limit is None:
-        return "".join(_escape_char(c) if _unsafe(c) else c for c in text)
-    return clip(escaped_units(text, _unsafe), limit)
+        return "".join(_escape_char(c) if unsafe(c) else c for c in text)
+    return clip(escaped_units(text, unsafe), limit)
 
 
 def escaped_units(text: str, unsafe: Callable[[str], bool],

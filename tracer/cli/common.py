@@ -80,17 +80,12 @@ class Result:
         return {"Input": self.prompt, "Output": self.output}
 
 
-
-
 def shown(value: Any, limit: int = 300) -> str:
     """``value`` as one terminal-safe line: control and format characters escaped
     (``\\x1b``, ``\\n``, lone surrogates), long text shortened in the middle to ``limit``
     terminal columns (never inside a character, an emoji cluster or an escape)."""
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    return clip_middle(escaped_units(text, _shown_unsafe, _shown_escape), limit)
-
-
-_shown_unsafe = unsafe_char  # the one rule of what is never written raw (tracer.text)
+    return clip_middle(escaped_units(text, unsafe_char, _shown_escape), limit)
 
 
 def _shown_escape(ch: str) -> str:
@@ -102,7 +97,7 @@ def format_summary(results: Sequence[Result], width: int = 32) -> str:
     tokens, stop reason, time, tokens/s."""
     header = ("#", "prompt", "new tokens", "stop reason", "time s", "tokens/s")
     rows = [
-        (str(i), clip(escaped_units(" ".join(r.prompt.split()), _shown_unsafe, _shown_escape), width),
+        (str(i), clip(escaped_units(" ".join(r.prompt.split()), unsafe_char, _shown_escape), width),
          str(r.new_tokens), shown(r.stop_reason, 40),
          f"{r.time_s:.2f}", f"{r.tokens_per_s:.1f}")
         for i, r in enumerate(results)
@@ -162,4 +157,3 @@ def _quiet_finalisation() -> None:  # pragma: no cover - runs at exit
 
 
 atexit.register(_quiet_finalisation)
-
