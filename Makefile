@@ -52,10 +52,23 @@ venv-llamacpp: $(LLAMACPP_STAMP)
 # without it); tools/check_llamacpp.py then decodes once in a child process and says so if it faults.
 LLAMACPP_CFLAGS := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16,)
 
+# pip's wheel cache keys a built wheel by the sdist's address and the Python version, not by these
+# flags: a wheel an earlier build left there (another machine's, or one built before these flags)
+# is installed as is (seen in CI: a cached wheel faulted there).  So when the check fails, that cached
+# wheel is removed and llama-cpp-python is built again from source with the flags, bypassing the
+# cache, and checked once more; the next fresh install builds it with the flags and caches that.
+LLAMACPP_BUILD := CFLAGS="$(LLAMACPP_CFLAGS)" CXXFLAGS="$(LLAMACPP_CFLAGS)" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2}
+LLAMACPP_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+
 $(LLAMACPP_STAMP): $(STAMP)
-	CFLAGS="$(LLAMACPP_CFLAGS)" CXXFLAGS="$(LLAMACPP_CFLAGS)" \
-	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} $(BIN)/python -m pip install -e '.[llamacpp]'
-	$(BIN)/python tools/check_llamacpp.py
+	$(LLAMACPP_BUILD) $(BIN)/python -m pip install -e '.[llamacpp]'
+	$(BIN)/python tools/check_llamacpp.py || { \
+	  echo "make: rebuilding $(LLAMACPP_PIN) from source without pip's cached wheel"; \
+	  $(BIN)/python -m pip cache remove llama_cpp_python; \
+	  $(LLAMACPP_BUILD) $(BIN)/python -m pip install --force-reinstall --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python '$(LLAMACPP_PIN)' && \
+	  $(BIN)/python tools/check_llamacpp.py --rebuilt; }
 	touch $(LLAMACPP_STAMP)
 
 bench-llamacpp: venv-llamacpp
