@@ -246,8 +246,13 @@ def test_generate_prepares_inputs_right_before_each_of_its_forwards():
 
     def prepare(*args, **kwargs):
         events.append("prepare")
+        callers.append(hf.called_by_generate())
         return original(*args, **kwargs)
 
+    def wrapper(*args, **kwargs):  # (called_by_generate looks at a wrapper's caller)
+        return prepare(*args, **kwargs)
+
+    callers: list[bool] = []
     prepare.__wrapped__ = original
     setattr(model, hf.PREPARE_INPUTS_METHOD, prepare)
     handle = model.register_forward_pre_hook(lambda *a: events.append("forward"))
@@ -259,3 +264,7 @@ def test_generate_prepares_inputs_right_before_each_of_its_forwards():
         del model.__dict__[hf.PREPARE_INPUTS_METHOD]
     _need(events == ["prepare", "forward"] * 4,
           f"generate calling {hf.PREPARE_INPUTS_METHOD} right before each of its forwards (saw {events})")
+    _need(callers == [True] * 4, f"generate calling {hf.PREPARE_INPUTS_METHOD} from {hf.GENERATE_PACKAGE}* code")
+    callers.clear()
+    wrapper(torch.tensor([[1, 2]]))  # called from here (tests/), not transformers
+    assert callers == [False]

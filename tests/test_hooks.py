@@ -437,6 +437,32 @@ def test_model_calls_between_steps_are_not_the_next_step(tiny_model):
     assert any("model call(s) between generate's steps" in n for n in trace.meta.notes)
 
 
+def test_a_streamer_preparing_inputs_like_generate_is_not_the_next_step(tiny_model):
+    """A streamer that prepares inputs with the model's own prepare_inputs_for_generation (the
+    method generate calls before each of its forwards) and then calls the model: that call is not
+    generate's, so it does not open the next step."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class PreparesAndCalls(BaseStreamer):
+        def put(self, value):
+            with torch.no_grad():
+                ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+                tiny_model(**tiny_model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids)))
+
+        def end(self):
+            pass
+
+    inputs = make_inputs(batch=1, seq=5)
+    kw = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    ref = _generate(tiny_model, inputs, **kw)
+    out, trace = _traced(tiny_model, inputs, record=RecordConfig(attention=True), streamer=PreparesAndCalls(), **kw)
+    assert torch.equal(ref, out)
+    assert trace.steps[0].inputs.input_ids.tolist() == inputs["input_ids"].tolist()
+    _steps_are_generates_own(trace, 5, 4)
+    assert [trace.attention(s, 0).shape[-1] for s in range(4)] == [5, 6, 7, 8]
+    assert any("model call(s) between generate's steps" in n for n in trace.meta.notes)
+
+
 def _steps_are_generates_own(trace, prompt_len, n):
     assert len(trace.steps) == n
     for i, step in enumerate(trace.steps[1:], start=1):

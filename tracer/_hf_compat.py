@@ -42,6 +42,8 @@ from .errors import NotSupportedError
 __all__ = [
     "LOGITS_PROCESSOR_METHOD",
     "PREPARE_INPUTS_METHOD",
+    "GENERATE_PACKAGE",
+    "called_by_generate",
     "STOPPING_CRITERIA_METHOD",
     "BEAM_METHODS",
     "CANDIDATE_GENERATOR_METHOD",
@@ -73,6 +75,16 @@ STOPPING_CRITERIA_METHOD = "_get_stopping_criteria"
 #: step): the marker that tells generate's forward from a model call made between its steps
 #: (e.g. by a streamer).  A public method; what tracer relies on is that ordering.
 PREPARE_INPUTS_METHOD = "prepare_inputs_for_generation"
+#: ... and calls it from its own decoding loop, code of the transformers package: a call of that
+#: method from elsewhere (a streamer's or other user code preparing inputs for a side call of the
+#: model) is no marker.
+GENERATE_PACKAGE = "transformers."
+
+
+def called_by_generate() -> bool:
+    """Inside a wrapper of PREPARE_INPUTS_METHOD: whether the wrapper's caller is transformers' code
+    (generate's loop), not a streamer's or other user code."""
+    return sys._getframe(2).f_globals.get("__name__", "").startswith(GENERATE_PACKAGE)
 SUPPORT_RULE = ("tracer needs a decoder-only causal LM whose decoder (get_decoder()) holds its layers as "
                 "`layers`, `h` or `blocks` (Llama, GPT-2, GPT-NeoX, OPT, Falcon, Bloom, MPT layouts)")
 

@@ -260,8 +260,8 @@ class TraceSession:
     def _wrap_prepare_inputs(self, original: Any) -> Any:
         def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> Any:
             rec = self._recorder
-            if rec is None or threading.get_ident() != self._thread:
-                return original(*args, **kwargs)
+            if rec is None or threading.get_ident() != self._thread or not hf.called_by_generate():
+                return original(*args, **kwargs)  # (not generate's own call: e.g. a streamer's)
             rec.preparing()
             prepared = original(*args, **kwargs)  # (a model call made inside it is not the step's)
             rec.prepared()  # the next forward is generate's own
