@@ -452,8 +452,8 @@ class StepRecorder:
         if self.plan.device.type != "cpu":
             sync(self.plan.device)
         if self.outside:
-            self.notes.append(f"{self.outside} model call(s) between generate's steps (not generate's own forward, "
-                              "e.g. made by a streamer) were not recorded")
+            self.notes.append(f"{self.outside} model call(s) between or after generate's steps (not generate's own "
+                              "forward, e.g. made by a streamer) were not recorded")
         if error is None and self.config.cache and self.last_cache is not None and self.readings:
             self._guard(self._check_cache)  # once: the readings derived per step hold at the end
         failure: BaseException | None = None
