@@ -84,7 +84,11 @@ GENERATE_PACKAGE = "transformers."
 def called_by_generate() -> bool:
     """Inside a wrapper of PREPARE_INPUTS_METHOD: whether the wrapper's caller is transformers' code
     (generate's loop), not a streamer's or other user code."""
-    return sys._getframe(2).f_globals.get("__name__", "").startswith(GENERATE_PACKAGE)
+    try:
+        caller = sys._getframe(2)
+    except ValueError:  # (no caller frame: called from C at the stack's bottom)
+        return False
+    return caller.f_globals.get("__name__", "").startswith(GENERATE_PACKAGE)
 SUPPORT_RULE = ("tracer needs a decoder-only causal LM whose decoder (get_decoder()) holds its layers as "
                 "`layers`, `h` or `blocks` (Llama, GPT-2, GPT-NeoX, OPT, Falcon, Bloom, MPT layouts)")
 
