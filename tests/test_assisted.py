@@ -129,6 +129,51 @@ def test_refusals(models):
     assert t.assisted_traces == []
 
 
+def test_settings_that_change_what_is_accepted_or_run_are_refused(models):
+    """assistant_ensemble_weight accepts by a mix of the verifier's and the draft's probabilities
+    (the rounds' reasons would be wrong); with num_beams > 1 transformers runs beam search and
+    ignores the assistant. Refused before any forward, by keyword or through a generation config."""
+    from transformers import GenerationConfig
+
+    target, draft = models
+    calls = []
+    handle = target.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with tracer.trace(target) as t:
+            with pytest.raises(NotSupportedError, match="assistant_ensemble_weight"):
+                target.generate(input_ids=PROMPT, assistant_model=draft, assistant_ensemble_weight=0.5,
+                                max_new_tokens=2, pad_token_id=0)
+            with pytest.raises(NotSupportedError, match="assistant_ensemble_weight"):
+                target.generate(PROMPT, GenerationConfig(assistant_ensemble_weight=0.5, max_new_tokens=2),
+                                assistant_model=draft, pad_token_id=0)
+            with pytest.raises(NotSupportedError, match="ignores the assistant"):
+                target.generate(input_ids=PROMPT, assistant_model=draft, num_beams=2, max_new_tokens=2, pad_token_id=0)
+            with pytest.raises(NotSupportedError, match="ignores the assistant"):
+                target.generate(input_ids=PROMPT, prompt_lookup_num_tokens=2, max_new_tokens=2, pad_token_id=0,
+                                generation_config=GenerationConfig(num_beams=2))
+    finally:
+        handle.remove()
+    assert calls == [] and t.assisted_traces == [] and t.beam_traces == []
+
+
+def test_prompt_lookup_through_a_generation_config_is_recorded(models):
+    """Prompt lookup set in a GenerationConfig (passed, or the model's own) runs assisted decoding:
+    recorded as such, not refused as an unknown mode."""
+    from transformers import GenerationConfig
+
+    target, _ = models
+    out, at = _traced(target, generation_config=GenerationConfig(prompt_lookup_num_tokens=3, do_sample=False))
+    assert at.source == "prompt_lookup" and at.drafted_total > 0
+    _check_against_verifier(target, out, at)
+    target.generation_config.prompt_lookup_num_tokens = 3
+    try:
+        out, at = _traced(target, do_sample=False)
+    finally:
+        target.generation_config.prompt_lookup_num_tokens = None
+    assert at.source == "prompt_lookup" and at.drafted_total > 0
+    _check_against_verifier(target, out, at)
+
+
 @pytest.mark.slow
 def test_embedded_prompt_lookup(embedded):
     """The real model verifying n-gram drafts from its own prompt: identical output, acceptance

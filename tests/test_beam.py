@@ -129,6 +129,31 @@ def test_greedy_still_recorded_by_the_step_recorder(model):
 
 
 
+def test_beam_search_set_in_a_generation_config_is_recorded_with_its_settings(model):
+    """num_beams and the other settings from a GenerationConfig passed by position (or the
+    model's own): recorded as beam search with the values generate used, not refused or
+    recorded with the defaults."""
+    from transformers import GenerationConfig
+
+    inputs = make_inputs(batch=1, seq=P, seed=3)
+    gc = GenerationConfig(num_beams=3, num_return_sequences=2, length_penalty=2.0, max_new_tokens=4,
+                          pad_token_id=0, eos_token_id=None)
+    ref = model.generate(inputs["input_ids"], gc, attention_mask=inputs["attention_mask"])
+    with tracer.trace(model) as t:
+        out = model.generate(inputs["input_ids"], gc, attention_mask=inputs["attention_mask"])
+    assert torch.equal(out, ref)
+    bt = t.beam
+    assert (bt.num_beams, bt.num_return_sequences, bt.length_penalty) == (3, 2, 2.0)
+    assert bt.num_steps == 4 and bt.sequences.tolist() == out.tolist()
+    kept = model.generation_config.num_beams
+    model.generation_config.num_beams = 2
+    try:
+        with tracer.trace(model) as t:
+            model.generate(**inputs, max_new_tokens=2, pad_token_id=0, eos_token_id=None)
+    finally:
+        model.generation_config.num_beams = kept
+    assert t.beam.num_beams == 2 and t.traces == []
+
 @pytest.mark.slow
 def test_embedded_beam_search(embedded):
     """The real model: beam search with 2 prompts, eos, length penalty; traced == untraced and the

@@ -268,3 +268,15 @@ def test_generate_prepares_inputs_right_before_each_of_its_forwards():
     callers.clear()
     wrapper(torch.tensor([[1, 2]]))  # called from here (tests/), not transformers
     assert callers == [False]
+
+
+def test_generate_positional_parameters():
+    """hf.generate_argument reads generate's own parameters by position as well as by keyword."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    names = [p.name for p in inspect.signature(GenerationMixin.generate).parameters.values()
+             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]  # (after self)
+    _need(tuple(names[:len(hf.GENERATE_POSITIONAL)]) == hf.GENERATE_POSITIONAL,
+          f"generate's parameters in the order {hf.GENERATE_POSITIONAL} (saw {names})")

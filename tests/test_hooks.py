@@ -195,6 +195,8 @@ def test_unsupported_modes_raise_before_generating(tiny_model):
                 _generate(tiny_model, inputs, prompt_lookup_num_tokens=2, assistant_early_exit=1)
             with pytest.raises(NotSupportedError, match="assistant_model"):
                 _generate(tiny_model, inputs, assistant_model=tiny_model)
+            with pytest.raises(NotSupportedError, match="continuous batching"):  # generate_batch: no steps seen
+                _generate(tiny_model, inputs, cache_implementation="paged")
     finally:
         handle.remove()
     assert calls == []

@@ -49,6 +49,9 @@ __all__ = [
     "CANDIDATE_GENERATOR_METHOD",
     "DecoderParts",
     "beam_search_requested",
+    "generate_argument",
+    "generation_setting",
+    "GENERATE_POSITIONAL",
     "attention_module",
     "auto_compiles",
     "attn_implementation",
@@ -273,11 +276,37 @@ BEAM_METHODS = ("_get_top_k_continuations", "_get_running_beams_for_next_iterati
 CANDIDATE_GENERATOR_METHOD = "_get_candidate_generator"
 
 
-def beam_search_requested(model: Any, kwargs: dict) -> bool:
-    """Whether ``model.generate(**kwargs)`` will run beam search (``num_beams > 1``)."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1))
-    return int(beams or 1) > 1
+#: generate's parameters before ``**kwargs``, in order (``inputs`` is the first after ``self``)
+GENERATE_POSITIONAL = ("inputs", "generation_config", "logits_processor", "stopping_criteria",
+                       "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model", "streamer",
+                       "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
+
+
+def generate_argument(args: tuple, kwargs: dict, name: str) -> Any:
+    """One of generate's own parameters (``assistant_model``, ``generation_config``…), given by
+    keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    i = GENERATE_POSITIONAL.index(name)
+    return args[i] if len(args) > i else None
+
+
+def generation_setting(model: Any, args: tuple, kwargs: dict, name: str, default: Any = None) -> Any:
+    """The value ``model.generate(*args, **kwargs)`` uses for the GenerationConfig field ``name``,
+    in transformers' order: a keyword, then the generation_config passed (by keyword or position),
+    then the model's own generation_config; ``default`` where none sets it."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    for config in (generate_argument(args, kwargs, "generation_config"), getattr(model, "generation_config", None)):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def beam_search_requested(model: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model.generate(*args, **kwargs)`` will run beam search (``num_beams > 1``)."""
+    return int(generation_setting(model, args, kwargs, "num_beams", 1)) > 1
 
 
 def auto_compiles(model: Any, model_kwargs: dict | None, generation_config: Any) -> bool:

@@ -11,8 +11,9 @@ included: no random numbers are drawn) is identical to untraced.
 
 The draft model's own steps: trace the assistant in its own ``tracer.trace(assistant)`` block
 (nested ``with``); each drafting round is then one trace of that session.  Batch 1 only
-(transformers' own limit); different assistant tokenizers (universal assisted decoding) and
-``assistant_early_exit`` are refused.
+(transformers' own limit); different assistant tokenizers (universal assisted decoding),
+``assistant_early_exit``, ``assistant_ensemble_weight`` and an assistant with ``num_beams > 1``
+(transformers ignores the assistant then) are refused.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from .generate_modes import end_status, given_and_returned, refuse_step_records,
 __all__ = ["AssistedRecorder", "generate", "requested"]
 
 
-def requested(kwargs: dict) -> bool:
-    return kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
+def requested(model: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model.generate(*args, **kwargs)`` runs assisted decoding (a draft model or prompt
+    lookup, by keyword, by position or through a generation config)."""
+    return (hf.generate_argument(args, kwargs, "assistant_model") is not None
+            or hf.generation_setting(model, args, kwargs, "prompt_lookup_num_tokens") is not None)
 
 
 class AssistedRecorder:
@@ -132,12 +136,16 @@ class AssistedRecorder:
 def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
     """Run an assisted ``generate`` with the candidate generator wrapped; the
     :class:`AssistedTrace` goes to ``session.assisted_traces``."""
-    for key in ("assistant_tokenizer", "assistant_early_exit"):
-        if kwargs.get(key) is not None:
-            raise NotSupportedError(f"tracer does not record {key}= (assisted decoding across tokenizers / early exit)")
-    refuse_step_records(session.config, "assisted decoding")
     model = session.model
-    if kwargs.get("assistant_model") is model:
+    if kwargs.get("assistant_tokenizer") is not None:
+        raise NotSupportedError("tracer does not record assistant_tokenizer= (assisted decoding across tokenizers)")
+    if hf.generation_setting(model, args, kwargs, "assistant_early_exit") is not None:
+        raise NotSupportedError("tracer does not record assistant_early_exit (self-speculative early exit)")
+    if hf.generation_setting(model, args, kwargs, "assistant_ensemble_weight") is not None:
+        raise NotSupportedError("tracer does not record assistant_ensemble_weight: its rounds would be explained by "
+                                "the verifier's own probabilities, not the weighted mix transformers accepts by")
+    refuse_step_records(session.config, "assisted decoding")
+    if hf.generate_argument(args, kwargs, "assistant_model") is model:
         raise NotSupportedError("assistant_model is the traced model itself; pass a separate draft model "
                                 "(or prompt_lookup_num_tokens=) to trace assisted decoding")
     recorder = AssistedRecorder(top_c=max(int(session.config.top_k), 1))
@@ -151,7 +159,7 @@ def _build(session: Any, rec: AssistedRecorder, args: tuple, kwargs: dict, outpu
     status = end_status(rec, bool(rec.rounds), output, status, what="assisted-decoding",
                         nothing="generate ran no draft/verify round tracer could see (transformers' assisted decoding changed?)")
     ids, seqs = given_and_returned(args, kwargs, output)
-    assistant = kwargs.get("assistant_model")
+    assistant = hf.generate_argument(args, kwargs, "assistant_model")
     source = f"assistant_model:{type(assistant).__name__}" if assistant is not None else "prompt_lookup"
     used = {int(t) for r in rec.rounds for t in np.concatenate([r.drafted, r.appended, r.verifier_top_ids.ravel()])}
     used |= {int(t) for t in seqs.reshape(-1).tolist()}

@@ -135,15 +135,17 @@ def _build(session: Any, rec: BeamRecorder, args: tuple, kwargs: dict, output: A
     ids, seqs = given_and_returned(args, kwargs, output)
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) else torch.ones_like(ids)
-    gc = kwargs.get("generation_config") or session.model.generation_config
+    def setting(name: str, default: Any) -> Any:  # what generate used (transformers' defaults last)
+        return rec.config.get(name, hf.generation_setting(session.model, args, kwargs, name, default))
+
     used = {int(t) for s in rec.steps for t in np.concatenate([s.cand_ids.ravel(), s.beam_top_ids.ravel()])}
     used |= {int(t) for t in seqs.reshape(-1).tolist()}
     return BeamTrace(
-        num_beams=int(kwargs.get("num_beams", gc.num_beams)),
-        num_return_sequences=int(kwargs.get("num_return_sequences", gc.num_return_sequences or 1)),
-        length_penalty=float(rec.config.get("length_penalty", kwargs.get("length_penalty", gc.length_penalty))),
-        early_stopping=rec.config.get("early_stopping", kwargs.get("early_stopping", gc.early_stopping)),
-        do_sample=bool(rec.config.get("do_sample", kwargs.get("do_sample", gc.do_sample))),
+        num_beams=int(setting("num_beams", 1)),
+        num_return_sequences=int(setting("num_return_sequences", 1)),
+        length_penalty=float(setting("length_penalty", 1.0)),
+        early_stopping=setting("early_stopping", False),
+        do_sample=bool(setting("do_sample", False)),
         prompt_ids=_np(ids, np.int64), prompt_mask=_np(mask, np.int64), sequences=_np(seqs, np.int64),
         steps=rec.steps, **token_maps(session.tokenizer, used), status=status,
     )

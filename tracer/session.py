@@ -56,7 +56,10 @@ __all__ = [
 ]
 
 _MISSING = object()
-_UNSUPPORTED_KWARGS = ("assistant_model", "prompt_lookup_num_tokens", "custom_generate", "assistant_early_exit")
+#: generate's arguments and GenerationConfig fields whose decoding tracer's step recorder does not
+#: follow (assisted decoding has its own recorder, tracer.assisted, outside a step trace)
+_UNSUPPORTED_ARGUMENTS = ("assistant_model", "custom_generate")
+_UNSUPPORTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "assistant_ensemble_weight")
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
@@ -206,14 +209,27 @@ class TraceSession:
                 )
             from . import assisted as _assisted
 
-            if _assisted.requested(kwargs) and self._recorder is None:  # recorded by tracer.assisted
-                return _assisted.generate(self, original, args, kwargs)
-            for key in _UNSUPPORTED_KWARGS:
-                if kwargs.get(key) is not None:
-                    raise NotSupportedError(f"tracer does not support {key}= (assisted/custom decoding) yet")
+            model = self.model
+            if hf.generation_setting(model, args, kwargs, "cache_implementation") == "paged":
+                raise NotSupportedError("cache_implementation='paged' switches generate to continuous batching "
+                                        "(generate_batch), which tracer does not record")
+            beams = hf.beam_search_requested(model, args, kwargs)
+            if _assisted.requested(model, args, kwargs):
+                if beams:
+                    raise NotSupportedError("num_beams > 1 with assistant_model or prompt_lookup_num_tokens: "
+                                            "transformers then runs beam search and ignores the assistant; "
+                                            "pass one or the other")
+                if self._recorder is None:  # recorded by tracer.assisted
+                    return _assisted.generate(self, original, args, kwargs)
+            for key in _UNSUPPORTED_ARGUMENTS:
+                if hf.generate_argument(args, kwargs, key) is not None:
+                    raise NotSupportedError(f"tracer does not support {key}= (assisted/custom decoding) here")
+            for key in _UNSUPPORTED_SETTINGS:
+                if hf.generation_setting(model, args, kwargs, key) is not None:
+                    raise NotSupportedError(f"tracer does not support {key} (assisted decoding) here")
             if self._recorder is not None:
                 raise NotSupportedError("nested generate calls inside one trace are not supported")
-            if hf.beam_search_requested(self.model, kwargs):  # recorded by tracer.beam (session.beam)
+            if beams:  # recorded by tracer.beam (session.beam)
                 from . import beam as _beam
 
                 return _beam.generate(self, original, args, kwargs)
