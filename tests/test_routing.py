@@ -111,6 +111,28 @@ def test_routing_views(tmp_path):
     assert "MoE routing" not in t2.trace.to_html()
 
 
+def test_routing_views_leave_out_what_a_finished_sequence_is_fed():
+    """After a sequence stops (eos) the batch goes on and it is fed padding: those routings are
+    not its tokens (as the prompt's padding is left out): k slots per real token."""
+    from tracer.viz.routing import routing_tokens
+
+    model = make_family("mixtral", ATTENTION_FAMILIES["mixtral"])
+    inputs = _inputs()
+    first = model.generate(**inputs, do_sample=False, max_new_tokens=2, pad_token_id=0)
+    eos = int(first[0, inputs["input_ids"].shape[1] + 1])  # sequence 0 stops at step 1
+    with tracer.trace(model, record=RecordConfig(routing=True)) as t:
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=eos)
+    trace = t.trace
+    assert trace.stop_reasons[0].startswith("eos") and trace.num_steps == 5
+    k = model.config.num_experts_per_tok
+    for seq in range(trace.batch_size):
+        real = int(trace.prompt_mask[seq].sum()) + sum(1 for s in trace.steps[1:] if s.active[seq])
+        layers, experts, _ = rt.token_layer_map(trace, seq)
+        assert experts.shape[0] == real == len(routing_tokens(trace, seq))
+        assert rt.expert_load(trace, seq=seq)[1].sum(axis=1).tolist() == [k * real] * len(layers)
+    assert int(trace.prompt_mask[0].sum()) + 1 == rt.token_layer_map(trace, 0)[1].shape[0]  # the prompt, then step 1's input
+    assert out.shape[0] == trace.batch_size
+
 #: more MoE families (their own default expert counts): recorded == the router module's own
 #: output recomputed afterwards from the inputs it received
 MORE_MOE = ["qwen2_moe", "ernie4_5_moe", "phimoe", "glm4_moe", "afmoe", "flex_olmo", "minimax", "granitemoe",

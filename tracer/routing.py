@@ -125,12 +125,16 @@ def routing(trace: Any, step: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _tokens(trace: Any, seq: int, layer: int, include_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
     """(experts `(N, k)`, weights `(N, k)`) of one sequence's tokens in one layer, in order:
-    the prompt's real tokens (padding left out) when asked, then each generated step's token."""
+    the prompt's real tokens (padding left out) when asked, then each generated step's token while
+    the sequence still generates (after it stops, the batch's other sequences go on and it is fed
+    padding: not its tokens)."""
     ex, we = [], []
     for step in range(trace.num_steps):
         key = blob_key(EXPERTS, step, layer)
         if key not in trace.blobs:
             continue
+        if step > 0 and not bool(trace.steps[step].active[seq]):
+            break
         e, w = routing(trace, step, layer)
         if step == 0 and include_prompt:
             mask = getattr(trace, "prompt_mask", None)

@@ -30,11 +30,11 @@ def _require(trace: Trace) -> list[int]:
 
 def routing_tokens(trace: Trace, seq: int = 0, include_prompt: bool = True) -> list[str]:
     """The display text of the tokens of :func:`tracer.routing.token_layer_map` (same order):
-    the real prompt tokens, then each token fed at a decode step."""
+    the real prompt tokens, then each token fed at a decode step while the sequence generates."""
     ids: list[int] = []
     if include_prompt:
         ids += [int(t) for t, m in zip(trace.prompt_ids[seq], trace.prompt_mask[seq]) if m]
-    ids += [int(s.chosen[seq]) for s in trace.steps[:-1]]
+    ids += [int(before.chosen[seq]) for before, step in zip(trace.steps, trace.steps[1:]) if step.active[seq]]
     return [tok_text(trace, t) for t in ids]
 
 
