@@ -234,3 +234,51 @@ def test_hybrid_linear_attention_layers_refused_for_attention():
         out = model.generate(**inputs, **kw)
     assert torch.equal(out, ref)
     assert [t.trace.attention(s, 0).shape[0] for s in range(3)] == [2, 2, 2]
+
+
+#: families whose logits are more than lm_head(final_norm(h)) (and plain ones beside them)
+LENS_FAMILIES = {
+    "llama": ("llama", ATTENTION_FAMILIES["llama"]),
+    "gpt2": ("gpt2", ATTENTION_FAMILIES["gpt2"]),
+    "cohere (logit_scale)": ("cohere", ATTENTION_FAMILIES["cohere"]),
+    "cohere2 (logit_scale)": ("cohere2", ATTENTION_FAMILIES["cohere2"]),
+    "granite (logits_scaling)": ("granite", {**GQA, "logits_scaling": 4.0}),
+    "granitemoe (logits_scaling)": ("granitemoe", {**GQA, "logits_scaling": 4.0}),
+    "gemma2 (softcap)": ("gemma2", {**ATTENTION_FAMILIES["gemma2"], "final_logit_softcapping": 0.5}),
+    "gemma3_text (softcap)": ("gemma3_text", {**ATTENTION_FAMILIES["gemma3_text"], "final_logit_softcapping": 0.5}),
+    "vaultgemma (softcap)": ("vaultgemma", {**GQA, "final_logit_softcapping": 0.5}),
+    "nanochat (softcap)": ("nanochat", {**GQA, "final_logit_softcapping": 0.5}),
+    "opt (project_out)": ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 32}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LENS_FAMILIES))
+def test_logit_lens_at_the_last_layer_is_the_models_own_distribution(name):
+    """The lens applies the family's own steps around lm_head (OPT's project_out, Cohere's and
+    Granite's scaling, soft-capping): at the last layer its probability of the chosen token is
+    the model's own, at every step."""
+    model_type, overrides = LENS_FAMILIES[name]
+    model = make_family(model_type, overrides)
+    kw = dict(do_sample=False, max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    ref = model.generate(**_inputs(), output_logits=True, return_dict_in_generate=True, **kw)
+    with tracer.trace(model, record=RecordConfig(logit_lens=True)) as t:
+        out = model.generate(**_inputs(), **kw)
+    assert torch.equal(out, ref.sequences)
+    trace = t.trace
+    assert trace.meta.status == "complete" and trace.num_steps == 3 and not trace.meta.notes
+    for step, logits in zip(trace.steps, ref.logits):
+        own = torch.softmax(logits.float(), -1).gather(1, torch.as_tensor(step.chosen).view(-1, 1))[:, 0]
+        np.testing.assert_allclose(step.logit_lens.chosen_prob[-1], own.numpy(), rtol=1e-4, atol=1e-6)
+        assert (step.logit_lens.chosen_rank[-1] == step.stages[0].chosen_rank).all()
+
+
+def test_a_logit_transform_tracer_does_not_know_is_noted(monkeypatch):
+    """Where the lens's last layer is not the model's own distribution (here: Cohere with the
+    scaling left out), the trace says so instead of showing other probabilities as the model's."""
+    from tracer import _hf_compat as hf
+
+    monkeypatch.setattr(hf, "lens_head", lambda model: (None, None))
+    model = make_family("cohere", ATTENTION_FAMILIES["cohere"])
+    with tracer.trace(model, record=RecordConfig(logit_lens=True)) as t:
+        model.generate(**_inputs(), do_sample=False, max_new_tokens=2, pad_token_id=0)
+    assert any(n.startswith("the logit lens does not reproduce this model's own output") for n in t.trace.meta.notes)

@@ -53,6 +53,7 @@ __all__ = [
     "generation_setting",
     "GENERATE_POSITIONAL",
     "attention_module",
+    "lens_head",
     "auto_compiles",
     "attn_implementation",
     "bind",
@@ -174,6 +175,39 @@ def decoder_parts(model: Any) -> DecoderParts:
     norm = next((getattr(base, n) for n in FINAL_NORM_NAMES if isinstance(getattr(base, n, None), torch.nn.Module)),
                 None)
     return DecoderParts(base.get_input_embeddings(), layers, norm)
+
+
+def lens_head(model: Any) -> tuple[torch.nn.Module | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """What a family does between its final norm and its logits beyond ``lm_head``, as its modeling
+    file does it: (a projection before ``lm_head``: OPT's ``decoder.project_out`` where
+    ``word_embed_proj_dim != hidden_size``; a transform of the logits after it: Cohere's
+    ``logits * model.logit_scale``, Granite's ``logits / config.logits_scaling`` (MiniCPM3 divides
+    the state before a bias-free ``lm_head``: the same), Gemma 2/3, VaultGemma and nanochat's
+    ``final_logit_softcapping``).  The logit lens applies them, so that at the last layer it is
+    the model's own distribution; a family doing something else is noted in the trace."""
+    base = _decoder_base(model)
+    project = getattr(base, "project_out", None)
+    project = project if isinstance(project, torch.nn.Module) else None
+    config = model.config
+    scale = getattr(model, "logit_scale", None)
+    scale = float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None
+    divide = getattr(config, "logits_scaling", None)
+    divide = float(divide) if isinstance(divide, (int, float)) and divide not in (0, 1) else None
+    cap = getattr(config, "final_logit_softcapping", None)
+    cap = float(cap) if isinstance(cap, (int, float)) and cap else None
+    if scale is None and divide is None and cap is None:
+        return project, None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return project, transform
 
 
 def attention_module(layer: torch.nn.Module) -> torch.nn.Module | None:

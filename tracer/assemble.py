@@ -137,6 +137,9 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
     reason_of = _ReasonOf(tokenizer, meta.terminators)
     active, finished = _active_finished([host(d.is_done) for d in kept])
     steps = [_to_record(d, facts.sampled, host, reason_of, a, f) for d, a, f in zip(kept, active, finished)]
+    lens_note = _lens_disagrees(steps, plan.num_layers)
+    if lens_note:
+        meta.notes.append(lens_note)
     batch = int(steps[0].chosen.shape[0]) if steps else (0 if facts.prompt_ids is None else facts.prompt_ids.shape[0])
     prompt_ids = facts.prompt_ids if facts.prompt_ids is not None else np.zeros((batch, 0), np.int64)
     prompt_mask = facts.prompt_mask if facts.prompt_mask is not None else np.ones_like(prompt_ids)
@@ -181,6 +184,27 @@ def build_trace(plan: ModelPlan, config: RecordConfig, tokenizer: Any, facts: Ge
         token_bytes=token_bytes(tokenizer, ordered, texts),
         output_text=output_text,
     )
+
+
+def _lens_disagrees(steps: Sequence[StepRecord], num_layers: int) -> str | None:
+    """The logit lens at the last layer is the model's own distribution (final norm, lm_head and
+    the family's known logit transform: tracer._hf_compat.lens_head): where step 0 says otherwise,
+    a model transforms its output in a way tracer does not reproduce, and the trace says so."""
+    if not steps or steps[0].logit_lens is None or not steps[0].stages:
+        return None
+    lens, raw = steps[0].logit_lens, steps[0].stages[0]
+    if not lens.layers or lens.layers[-1] != num_layers - 1:
+        return None
+    own = np.exp(raw.chosen_logprob.astype(np.float64))
+    seen = lens.chosen_prob[-1].astype(np.float64)
+    off = np.abs(seen - own) > 1e-3 + 0.02 * own
+    if not off.any():
+        return None
+    b = int(np.argmax(off))
+    return (f"the logit lens does not reproduce this model's own output at its last layer (step 0, sequence {b}: "
+            f"chosen token p={seen[b]:.4g} through the lens, {own[b]:.4g} from the model's logits): the model "
+            "transforms its last hidden state or logits in a way tracer does not know; the lens's probabilities "
+            "are not the model's (its ranks hold only if that transform keeps the order)")
 
 
 def _shown_ids(sequences: np.ndarray, steps: Sequence[StepRecord]) -> list[int]:

@@ -27,8 +27,10 @@ class RecordConfig:
     hidden_layers: Selection = None
     """Decoder layers whose last-position hidden vector is kept (`(B, D)` per step)."""
     logit_lens: bool = False
-    """Project every layer's last-position state through the final norm and ``lm_head`` and
-    keep the chosen token's rank/probability and each layer's best token."""
+    """Project every layer's last-position state through the final norm and ``lm_head`` (with the
+    family's own steps around it: OPT's ``project_out``, Cohere's and Granite's logit scaling,
+    Gemma 2/3's soft-capping; at the last layer it is the model's own distribution, or the trace
+    notes that it is not) and keep the chosen token's rank/probability and each layer's best token."""
     cache: bool = True
     """Per-layer KV-cache lengths and bytes after every step."""
     kv_layers: Selection = None

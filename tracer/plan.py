@@ -44,6 +44,9 @@ class ModelPlan:
     auto_compiles: Callable[[dict | None, Any], bool]  # would generate compile the decode step?
     model_facts: dict[str, Any] = field(default_factory=dict)  # name, class, config, dtype (for TraceMeta)
     routing: Any = None  # tracer.routing.RoutingRecorder when RecordConfig(routing=True)
+    # the family's own steps around lm_head (OPT's project_out; Cohere/Granite scaling, soft-capping)
+    lens_project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    lens_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def kv_head_of(self) -> tuple[int, ...]:
@@ -104,6 +107,7 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
                                     "(looked for mlp.gate / block_sparse_moe.gate / mlp.router); trace without routing=True")
         top_k = int(getattr(mc, "num_experts_per_tok", 0) or getattr(mc, "experts_per_token", 0) or 8)
         routing = RoutingRecorder(routers, top_k)
+    lens_project, lens_transform = hf.lens_head(model) if config.logit_lens else (None, None)
     plan = ModelPlan(
         num_layers=n_layers,
         num_heads=heads,
@@ -124,6 +128,8 @@ def build_plan(model: Any, config: RecordConfig, attention_dtype: torch.dtype | 
         auto_compiles=lambda model_kwargs, gc: hf.auto_compiles(model, model_kwargs, gc),
         model_facts=model_facts(model),
         routing=routing,
+        lens_project=lens_project,
+        lens_transform=lens_transform,
     )
     return plan, parts
 

@@ -169,7 +169,8 @@ class AttentionStats:
 
 @dataclass(frozen=True)
 class LogitLens:
-    """The chosen token seen through each layer's last-position state (final norm + lm_head)."""
+    """The chosen token seen through each layer's last-position state (final norm + lm_head, with
+    the family's own output scaling / soft-capping / projection: RecordConfig.logit_lens)."""
 
     layers: tuple[int, ...]  # decoder layer indices of axis 0
     chosen_rank: np.ndarray  # (L, B) int64
