@@ -185,6 +185,20 @@ def test_keyboard_interrupt_keeps_recorded_steps(tiny_model):
     assert tiny_model.config._attn_implementation == "sdpa"
 
 
+def test_key_value_snapshots_without_the_cache_are_refused_before_generating(tiny_model):
+    """kv_layers snapshots the KV cache; with use_cache=False there is none: refused in one line
+    before any forward (it recorded nothing and said nothing)."""
+    calls = []
+    handle = tiny_model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with tracer.trace(tiny_model, record=RecordConfig(kv_layers="all")) as t:
+            with pytest.raises(NotSupportedError, match="use_cache=False"):
+                _generate(tiny_model, make_inputs(batch=1, seq=5), max_new_tokens=2, use_cache=False)
+    finally:
+        handle.remove()
+    assert calls == [] and t.traces == []
+
+
 def test_unsupported_modes_raise_before_generating(tiny_model):
     inputs = make_inputs(batch=1, seq=5)
     calls = []

@@ -232,6 +232,8 @@ def test_routing_counts_in_the_memory_budget():
 
     model = make_family("mixtral", ATTENTION_FAMILIES["mixtral"])
     assert routing_bytes(2, 2, 2, 6, 4) == 2 * (6 + 3) * 2 * 2 * 6
+    # without the cache every step re-routes the whole sequence: 6, 7, 8, 9 tokens
+    assert routing_bytes(2, 2, 2, 6, 4, use_cache=False) == 2 * (6 + 7 + 8 + 9) * 2 * 2 * 6
     with tracer.trace(model, record=RecordConfig(routing=True, max_bytes=4096)) as t:
         with pytest.raises(MemoryBudgetError, match=r"routing 0\.\d MiB"):
             model.generate(**_inputs(), do_sample=False, max_new_tokens=200, pad_token_id=0)
@@ -254,3 +256,19 @@ def test_routing_blobs_of_the_wrong_shape_are_a_format_error(tmp_path):
         rt.routing(trace, 1, 0)
     html = trace.to_html()
     assert "<h2>MoE routing</h2><p class='note'>not shown: " in html
+
+
+def test_routing_recorded_without_the_cache_is_within_the_estimate():
+    """use_cache=False: each step routes the whole sequence again; what is kept fits the estimate
+    made before generating (a budget the estimate passes is not exceeded mid-run)."""
+    model = make_family("mixtral", ATTENTION_FAMILIES["mixtral"])
+    inputs = _inputs()
+    n = 5
+    with tracer.trace(model, record=RecordConfig(routing=True)) as t:
+        model.generate(**inputs, do_sample=False, max_new_tokens=n, pad_token_id=0, eos_token_id=None, use_cache=False)
+    trace = t.trace
+    estimate = t.estimate_bytes(batch=2, prompt_len=inputs["input_ids"].shape[1], max_new_tokens=n, n_stages=1,
+                                use_cache=False)["routing"]
+    kept = 6 * sum(np.asarray(trace.blobs.get(key)).size for key in trace.blobs.keys()
+                   if key.startswith(rt.EXPERTS + "/"))  # (int16 expert + float32 weight) per slot
+    assert trace.num_steps == n and 0 < kept <= estimate

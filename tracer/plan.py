@@ -190,7 +190,8 @@ def estimate_bytes(plan: ModelPlan, config: RecordConfig, *, batch: int, prompt_
     if plan.routing is not None:
         from .routing import routing_bytes
 
-        out["routing"] = routing_bytes(len(plan.routing.modules), plan.routing.top_k, batch, prompt_len, max_new_tokens)
+        out["routing"] = routing_bytes(len(plan.routing.modules), plan.routing.top_k, batch, prompt_len, max_new_tokens,
+                                       use_cache)
     if plan.kv_layers:
         picked = [s for s in steps if config.kv_steps is None or s in config.kv_steps]
         per_pos = 2 * batch * plan.num_kv_heads * plan.head_dim * 4 * len(plan.kv_layers)

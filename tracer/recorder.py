@@ -175,6 +175,9 @@ class StepRecorder:
                 "hooks cannot record inside a compiled graph. Pass disable_compile=True to "
                 "generate (to the traced and the plain run alike)."
             )
+        if self.plan.kv_layers and not getattr(generation_config, "use_cache", True):
+            raise NotSupportedError("RecordConfig(kv_layers=...) snapshots the KV cache, and this generate runs with "
+                                    "use_cache=False (no cache); trace without kv_layers, or with the cache")
         # each stage's (name, settings), read once and shared by every step: processors are the
         # same objects every step (and reading a CUDA tensor parameter would synchronise the device)
         self.stage_meta.update({id(p): (type(p).__name__, stage_params(p)) for p in processors})

@@ -87,9 +87,14 @@ class RoutingRecorder:
         self.rows = {}
 
 
-def routing_bytes(n_layers: int, top_k: int, batch: int, prompt_len: int, max_new_tokens: int) -> int:
-    """Upper bound of the routing blobs of a generation (int16 experts + float32 weights)."""
-    tokens = batch * (prompt_len + max(max_new_tokens - 1, 0))
+def routing_bytes(n_layers: int, top_k: int, batch: int, prompt_len: int, max_new_tokens: int,
+                  use_cache: bool = True) -> int:
+    """Upper bound of the routing blobs of a generation (int16 experts + float32 weights): the
+    prompt, then one token a step (without the cache every step re-feeds the whole sequence)."""
+    if use_cache:
+        tokens = batch * (prompt_len + max(max_new_tokens - 1, 0))
+    else:
+        tokens = batch * sum(prompt_len + s for s in range(max_new_tokens))
     return tokens * n_layers * top_k * 6
 
 
