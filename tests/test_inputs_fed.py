@@ -189,3 +189,23 @@ def test_forward_from_another_thread_during_generation_is_not_recorded():
     assert trace.num_steps == 4 and trace.meta.status == "complete"
     assert [trace.attention(s, 1).shape[-1] for s in range(4)] == [9, 10, 11, 12]
     assert trace.steps[0].inputs.input_ids.shape == (1, 9)
+
+
+def test_embeddings_fed_at_step_0_write_their_cache_slots(tmp_path):
+    """generate(inputs_embeds=...): step 0 feeds embeddings, not ids; its cache slots are still
+    the prompt's positions (they were empty), and they survive a save and load."""
+    model = make_tiny_llama()
+    inputs = make_inputs(batch=2, seq=6, left_pad=2)
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    kw = dict(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=3, do_sample=False,
+              pad_token_id=0)
+    ref = model.generate(**kw)
+    with tracer.trace(model) as t:
+        out = model.generate(**kw)
+    assert torch.equal(out, ref)
+    trace = t.trace
+    assert "inputs_embeds" in trace.steps[0].inputs.names and trace.steps[0].inputs.input_ids.size == 0
+    assert trace.steps[0].inputs.cache_slots.tolist() == list(range(6))
+    assert [s.inputs.cache_slots.tolist() for s in trace.steps[1:]] == [[6], [7]]
+    loaded = tracer.load_trace(trace.save(tmp_path / "t"))
+    assert [s.inputs.cache_slots.tolist() for s in loaded.steps] == [list(range(6)), [6], [7]]

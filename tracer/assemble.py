@@ -251,8 +251,11 @@ def _stops(x: Any) -> np.ndarray:
 def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "_ReasonOf",
                active: np.ndarray, finished: np.ndarray) -> StepRecord:
     fed = d.inputs
-    ids = host(fed.input_ids).astype(np.int64) if fed.input_ids is not None else np.zeros((0, 0), np.int64)
+    ids = (host(fed.input_ids).astype(np.int64) if fed.input_ids is not None
+           else np.zeros((int(np.shape(host(d.chosen))[0]), 0), np.int64))  # (embeddings fed: no ids)
     q_len = ids.shape[1] if ids.ndim == 2 else 0
+    if fed.input_ids is None and fed.position_ids is not None:  # embeddings fed (inputs_embeds): as many positions
+        q_len = int(fed.position_ids.shape[-1])
     own = np.asarray  # the stage statistics are the recorder's own host arrays: not copied again
     stages = tuple(
         Stage(

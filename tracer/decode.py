@@ -56,11 +56,16 @@ def _decode_inputs(doc: Doc, st: dict, tab: Tables, b: int, n: int) -> list[Step
     keep = _optional_column(doc, st, "logits_to_keep", int, n, None, nullable=True)
     cache_class = _optional_column(doc, st, "cache_class", str, n, None, nullable=True)
 
+    # positions and cache slots per step: as many as ids, except where embeddings were fed
+    fed = _optional_column(doc, st, "fed_len", int, n, None, nullable=True)
+    fed = [q if f is None else f for q, f in zip(qlen, fed)]
+    if any(f < 0 for f in fed):
+        raise doc.fail("negative steps.fed_len")
     total_q = sum(qlen)
     input_ids = tab.get("inputs.input_ids", (b, total_q), np.int64)
-    position_ids = tab.get("inputs.position_ids", (b, sum(q for q, f in zip(qlen, has_pos) if f)), np.int64)
+    position_ids = tab.get("inputs.position_ids", (b, sum(f for f, h in zip(fed, has_pos) if h)), np.int64)
     slots_key = "inputs.cache_slots" if "inputs.cache_slots" in tab.arrays else "inputs.cache_position"  # 1.0
-    slots = tab.get(slots_key, (total_q,), np.int64)
+    slots = tab.get(slots_key, (sum(fed),), np.int64)
     total_mask = sum(x for x in mask_len if x is not None)
     masks = tab.get("inputs.attention_mask", (b, total_mask), np.int8) if total_mask or "inputs.attention_mask" \
         in tab.arrays else np.zeros((b, 0), np.int8)
@@ -68,12 +73,12 @@ def _decode_inputs(doc: Doc, st: dict, tab: Tables, b: int, n: int) -> list[Step
     pads = tab.get("inputs.mask_padding", (n_pad, b), np.int64) if n_pad else np.zeros((0, b), np.int64)
 
     out = []
-    q_off = pos_off = m_off = pad_i = 0
+    q_off = f_off = pos_off = m_off = pad_i = 0
     for i in range(n):
-        q = qlen[i]
+        q, f = qlen[i], fed[i]
         pos = mask = pad = None
         if has_pos[i]:
-            pos, pos_off = position_ids[:, pos_off : pos_off + q], pos_off + q
+            pos, pos_off = position_ids[:, pos_off : pos_off + f], pos_off + f
         if mask_len[i] is not None:
             mask, m_off = masks[:, m_off : m_off + mask_len[i]], m_off + mask_len[i]
         if has_pad[i]:
@@ -81,7 +86,7 @@ def _decode_inputs(doc: Doc, st: dict, tab: Tables, b: int, n: int) -> list[Step
         out.append(StepInputs(
             input_ids=input_ids[:, q_off : q_off + q],
             position_ids=pos,
-            cache_slots=slots[q_off : q_off + q],
+            cache_slots=slots[f_off : f_off + f],
             attention_mask_shape=None if mask_shapes[i] is None else tuple(mask_shapes[i]),
             cache_len_before=cache_before[i],
             names=tuple(names[i]),
@@ -90,7 +95,7 @@ def _decode_inputs(doc: Doc, st: dict, tab: Tables, b: int, n: int) -> list[Step
             logits_to_keep=keep[i],
             cache_class=cache_class[i],
         ))
-        q_off += q
+        q_off, f_off = q_off + q, f_off + f
     return out
 
 

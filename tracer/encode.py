@@ -54,7 +54,11 @@ def _encode_inputs(steps: Sequence[StepRecord], b: int, t: dict[str, np.ndarray]
     t["inputs.attention_mask"] = _concat(masks, 1, (b, 0), "attention_mask", np.int8)
     pads = [i.mask_padding for i in ins if i.mask_padding is not None]
     t["inputs.mask_padding"] = _stack(pads, (0, b), np.int64, "mask_padding")
-    return {
+    doc: dict[str, Any] = {}
+    fed_len = [int(np.shape(i.cache_slots)[0]) for i in ins]
+    if any(f != int(np.shape(i.input_ids)[1]) for f, i in zip(fed_len, ins)):
+        doc["fed_len"] = fed_len  # embeddings fed (inputs_embeds): positions and slots without ids
+    return doc | {
         "cache_len_before": [int(i.cache_len_before) for i in ins],
         "attention_mask_shape": [None if i.attention_mask_shape is None else [int(d) for d in i.attention_mask_shape]
                                  for i in ins],

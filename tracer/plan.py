@@ -48,6 +48,13 @@ class ModelPlan:
     lens_project: Callable[[torch.Tensor], torch.Tensor] | None = None
     lens_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The logits of final-normed states, as the model makes them (the logit lens)."""
+        if self.lens_project is not None:
+            normed = self.lens_project(normed)
+        logits = self.lm_head(normed)
+        return logits if self.lens_transform is None else self.lens_transform(logits)
+
     @property
     def kv_head_of(self) -> tuple[int, ...]:
         group = max(self.num_heads // max(self.num_kv_heads, 1), 1)

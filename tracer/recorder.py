@@ -415,12 +415,7 @@ class StepRecorder:
         self.suspended += 1  # the final norm's own hook must not record this call
         try:
             normed = plan.final_norm(states) if plan.final_norm is not None else states
-            if plan.lens_project is not None:
-                normed = plan.lens_project(normed)
-            logits = plan.lm_head(normed)
-            if plan.lens_transform is not None:
-                logits = plan.lens_transform(logits)
-            logits = logits.float()
+            logits = plan.head(normed).float()
         finally:
             self.suspended -= 1
         logp = torch.log_softmax(logits, dim=-1)
