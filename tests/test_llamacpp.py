@@ -309,3 +309,20 @@ def test_terminators_are_what_stops_llama_cpp(llm, ids, tok, monkeypatch):
     [t4] = llamacpp_generate(llm, ids[HI], temperature=0.0, max_tokens=5)
     assert t4.num_steps == 1 and t4.stop_reasons[0].kind == "eos" and t4.stop_reasons[0].token_id == 4
     assert t4.generated_text[0] == ""
+
+
+def test_tokens_longer_than_32_bytes_keep_their_text(llm, tok):
+    """llama-cpp-python 0.3.36's detokenize has a 32-byte piece buffer: longer pieces (runs of
+    '#', '-', spaces: 47 tokens of this vocabulary) came back empty, so the answer, the trace's
+    text and token bytes lost them. The trace's text is now the tokens' whole text, as the
+    tokenizer decodes the same ids."""
+    long_piece = 17794  # 64 '#'
+    assert llm.detokenize([long_piece], special=True) == b""  # the upstream limit this works around
+    run = "#" * 64
+    prompt = tok(f"# {run} # {run} # {run} #", add_special_tokens=False)["input_ids"]
+    llm.reset()
+    [tr] = llamacpp_generate(llm, prompt, temperature=0.0, max_tokens=6)
+    generated = tr.generated_ids().tolist()
+    assert long_piece in generated
+    assert tr.generated_text[0] == tok.decode(generated, skip_special_tokens=True)
+    assert tr.token_bytes[long_piece] == run.encode()

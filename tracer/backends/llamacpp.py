@@ -310,7 +310,8 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
             notes.append("greedy: llama.cpp's greedy sampler draws no random number, so the seed "
                          + (f"given ({settings['seed']}) changes nothing" if seed is not None else "does not apply (none given)"))
         stop_bytes = [s.encode("utf-8") for s in settings["stop"]]
-        pieces: dict[int, bytes] = {}
+        pieces: dict[int, bytes] = {}  # each token's bytes, specials rendered (the trace's token texts)
+        plain: dict[int, bytes] = {}  # ... specials not rendered (the answer's text)
         start = time.perf_counter()
         tokens, reused = _reuse_prefix(llm, list(prompt))
         captures: list[StepCapture] = []
@@ -339,11 +340,11 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
                     on_token(len(captures) - 1, token)
                 tokens = [token]
                 if lc.llama_vocab_is_eog(vocab, token):  # create_completion's loop, rule for rule
-                    text = llm.detokenize(completion, prev_tokens=prompt)
+                    text = _text(llm, completion, plain)
                     reason = StopReason("eos", token, _piece(llm, token, pieces).decode("utf-8", "replace"))
                     break
                 completion.append(token)
-                all_text = llm.detokenize(completion, prev_tokens=prompt)
+                all_text = _text(llm, completion, plain)
                 for k, char in enumerate(all_text[-3:]):
                     k = 3 - k
                     for num, pattern in [(2, 192), (3, 224), (4, 240)]:
@@ -358,13 +359,13 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
                     reason = StopReason("stop_string", None, hits[0].decode("utf-8", "replace"))
                     break
                 if len(completion) >= max_tokens:
-                    text = llm.detokenize(completion, prev_tokens=prompt)
+                    text = _text(llm, completion, plain)
                     break
         except KeyboardInterrupt:
             if not traced:
                 raise
             status, reason = "interrupted", None
-            text = llm.detokenize(completion, prev_tokens=prompt)
+            text = _text(llm, completion, plain)
             raise InterruptedRun(_finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces,
                                        record, reused, start, status, error, notes, llama_seed)) from None
         if not traced:
@@ -396,10 +397,32 @@ class InterruptedRun(KeyboardInterrupt):
         self.trace = trace
 
 
-def _piece(llm: Any, token: int, cache: dict[int, bytes]) -> bytes:
+def _piece(llm: Any, token: int, cache: dict[int, bytes], special: bool = True) -> bytes:
+    """A token's bytes as llama-cpp-python's ``LlamaModel.detokenize`` makes them (what
+    create_completion's text is made of), without its 32-byte buffer: a longer piece (llama.cpp
+    returns minus its length: 47 tokens of the embedded vocabulary, runs of spaces, '#', '-')
+    came back empty there."""
     if token not in cache:
-        cache[token] = bytes(llm.detokenize([int(token)], special=True))
+        import ctypes
+
+        import llama_cpp
+
+        vocab, size = llm._model.vocab, 64
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, llama_cpp.llama_token(int(token)), buf, size, 0, special)
+            if n >= 0:
+                break
+            size = -n
+        cache[token] = buf.raw[:max(n, 0)]
     return cache[token]
+
+
+def _text(llm: Any, tokens: Sequence[int], cache: dict[int, bytes]) -> bytes:
+    """``llm.detokenize(tokens)`` (specials not rendered; a leading space after a first BOS dropped),
+    each piece whole (:func:`_piece`)."""
+    out = b"".join(_piece(llm, t, cache, special=False) for t in tokens)
+    return out[1:] if tokens and tokens[0] == llm.token_bos() and out[:1] == b" " else out
 
 
 def _finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces, record, reused, start,
