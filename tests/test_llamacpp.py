@@ -151,7 +151,10 @@ def test_stop_string_eos_and_kv_cache(llm, ids):
     assert reason.kind == "eos" and reason.token_id in tr2.meta.terminators and reason.text == "<|im_end|>"
     assert tr2.num_steps == 10 and tr2.generated_text[0] == "Hello! How can I assist you today?"
     llm.reset()
-    assert tr2.generated_text[0] == llm.create_completion(short, temperature=0.0, max_tokens=40)["choices"][0]["text"]
+    plain2 = llm.create_completion(short, temperature=0.0, max_tokens=40)
+    assert tr2.generated_text[0] == plain2["choices"][0]["text"]
+    # the end-of-generation token is not a completion token (as create_completion counts them)
+    assert tr2.meta.backend_info["completion_tokens"] == plain2["usage"]["completion_tokens"] == 9
     # the KV cache's cell count: the prompt at step 0, then one more token per step
     cells = tr2.cache.seq_len[:, 0]
     assert cells[0] == len(short) and np.all(np.diff(cells) == 1) and tr2.cache.reused_len == 0

@@ -55,6 +55,30 @@ def test_llama_default_seed_refused_when_sampling(no_load, capsys):
     assert "--seed" not in err and ("loaded a model before refusing" in err or "needs llama-cpp-python" in err), err
 
 
+@pytest.mark.parametrize("flags, says", [
+    # --preset seed turns sampling on: that seed must be refused there too (it ran with a random seed)
+    (["--preset", "seed", "--with-prompt", "--seed", "4294967295"], "--seed 4294967295: it is llama.cpp's"),
+    # llama.cpp's top-k is an int32: 2**32 + 1 wrapped to 1 (greedy), recorded as asked
+    (["--do-sample", "--top-k", str(2**32 + 1)], f"--top-k {2**32 + 1}: llama.cpp's top-k is a 32-bit integer"),
+    (["--presence-penalty", "0.5"], "--presence-penalty (it runs generate's sampling chain"),
+])
+def test_sampling_llama_cpp_cannot_run_as_given_is_refused(no_load, capsys, flags, says):
+    assert main(["run", "--engine", "llama.cpp", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tracer: error: --engine llama.cpp cannot honour " + says), err
+    assert "--use-vllm)" not in err[0] or "without --engine llama.cpp" in err[0]
+
+
+@pytest.mark.parametrize("engine", [[], ["--engine", "llama.cpp"]])
+def test_a_temperature_float32_cannot_hold_is_refused(no_load, capsys, engine):
+    """1e-40 divides the logits to infinity (generate: NaN probabilities late; llama.cpp: every
+    pick one token), 1e-50 is 0 in float32 (llama.cpp: greedy, recorded as sampling)."""
+    for value in ("1e-40", "1e-50"):
+        assert main(["run", *engine, "--do-sample", "--temperature", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tracer: error: --temperature must be at least 1e-30"), err
+
+
 def test_missing_extra_one_line_before_loading(no_load, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
@@ -189,3 +213,31 @@ def test_model_name_terminators_and_seed_against_generate(tmp_path, embedded, mo
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "llama.cpp" / "prompt_000.trace")]) == 0
     assert f"model: {tracer.models.EMBEDDED_MODEL_NAME}  (llama, Q4_1 on cpu" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_the_partial_trace(tmp_path, monkeypatch, capsys):
+    """As the transformers engine: the one line says where the interrupted prompt's trace is."""
+    pytest.importorskip("llama_cpp")
+    import tracer.backends.llamacpp as lc
+
+    real, calls = lc.Sampler.sample, []
+
+    def sample(self, raw):
+        calls.append(1)
+        if len(calls) == 3 + 3:  # the second prompt's third step
+            raise KeyboardInterrupt
+        return real(self, raw)
+
+    monkeypatch.setattr(lc.Sampler, "sample", sample)
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\nName a colour.\n", encoding="utf-8")
+    traces = tmp_path / "traces"
+    code = main(["run", "--engine", "llama.cpp", "--with-prompt", "--max-new-tokens", "3", "--data-file", str(data),
+                 "--trace-dir", str(traces), "--predictions-file", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1, err
+    assert err[0].startswith("tracer: interrupted: 1 answer(s) finished, saved in"), err
+    assert err[0].endswith(f"; the partial trace of prompt 1 is in {traces / 'prompt_001.trace'}"), err
+    partial = tracer.load_trace(traces / "prompt_001.trace")
+    assert partial.meta.status == "interrupted" and partial.num_steps == 2

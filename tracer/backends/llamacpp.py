@@ -429,7 +429,8 @@ def _finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, p
             status, error, notes=(), llama_seed=None) -> Trace:
     info = {"llama_seed": llama_seed, "finish_reason": "length" if reason == "max_length" else
             (None if reason is None else "stop"), "completion_tokens": sum(1 for c in captures
-                                                                           if c is not captures[-1] or reason != "eos")}
+                                                                           if c is not captures[-1] or reason is None
+                                                                           or reason.kind != "eos")}
     return trace_from_steps(
         captures, facts=facts, prompt_ids=prompt, prompt_text=prompt_text, settings=settings, stop=reason,
         output_text=bytes(text).decode("utf-8", errors="ignore"), token_piece=lambda i: _piece(llm, i, pieces),

@@ -29,6 +29,7 @@ HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 N_CTX = 4096
 #: llama.cpp's "no seed" value (``LLAMA_DEFAULT_SEED``): its dist sampler then draws one at random.
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+INT32_MAX = 2**31 - 1  # llama.cpp's top-k is an int32_t
 
 
 def check_args(args: Any) -> Path:
@@ -48,10 +49,9 @@ def check_args(args: Any) -> Path:
     bad = [name for cond, name in refuse if cond]
     if bad:
         raise CliError(f"--engine llama.cpp cannot honour {bad[0]}; leave it out")
-    if args.do_sample and int(args.seed) == LLAMA_DEFAULT_SEED:
-        raise CliError(f"--engine llama.cpp cannot honour --seed {LLAMA_DEFAULT_SEED}: it is llama.cpp's "
-                       "LLAMA_DEFAULT_SEED, for which llama.cpp samples with a random seed of its own; "
-                       "give another seed")
+    if getattr(args, "presence_penalty", None) is not None:
+        raise CliError("--engine llama.cpp cannot honour --presence-penalty (it runs generate's sampling chain: "
+                       "use --repetition-penalty, or the vLLM engine, --use-vllm, without --engine llama.cpp)")
     gguf = Path(args.gguf) if args.gguf is not None else None
     if gguf is not None and (not gguf.is_file() or gguf.suffix.lower() != ".gguf"):
         raise CliError(f"--gguf {shown(gguf)}: not a .gguf file")
@@ -62,6 +62,18 @@ def check_args(args: Any) -> Path:
 
         gguf = Path(default_gguf())
     return gguf
+
+
+def check_sampling(args: Any) -> None:
+    """After the preset is applied (``--preset seed`` turns sampling on): what llama.cpp's
+    sampler cannot take as given."""
+    if args.do_sample and int(args.seed) == LLAMA_DEFAULT_SEED:
+        raise CliError(f"--engine llama.cpp cannot honour --seed {LLAMA_DEFAULT_SEED}: it is llama.cpp's "
+                       "LLAMA_DEFAULT_SEED, for which llama.cpp samples with a random seed of its own; "
+                       "give another seed")
+    if args.do_sample and args.top_k is not None and args.top_k > INT32_MAX:
+        raise CliError(f"--engine llama.cpp cannot honour --top-k {args.top_k}: llama.cpp's top-k is a 32-bit "
+                       f"integer (at most {INT32_MAX}); any value from the vocabulary's size up keeps every token")
 
 
 def sampling_settings(args: Any) -> dict[str, Any]:
@@ -110,6 +122,7 @@ def cmd_run_llamacpp(args: Any) -> int:
 
     gguf = check_args(args)
     prompts = validate_run_args(args)
+    check_sampling(args)
     writer = PredictionsWriter(args.predictions_file)
 
     def emit(index: int, result: Result) -> None:
@@ -132,12 +145,15 @@ def cmd_run_llamacpp(args: Any) -> int:
             run_prompts(llm, tokenizer, args, prompts, settings, emit, where)
         finally:
             llm.close()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         hold_interrupts()
         print_summary(writer)
         done = f"{len(writer.results)} answer(s) finished"
         if writer.path is not None and writer.results:
             done += f", saved in {shown(writer.path)}"
+        partial = getattr(stop, "partial_trace", None)
+        if partial is not None:  # as the transformers engine says it
+            done += f"; the partial trace of {where[0].rstrip(': ')} is in {shown(partial)}"
         raise Interrupted(done) from None
     except CliError as exc:
         raise CliError(where[0] + str(exc) + saved_suffix(writer)) from exc
@@ -197,12 +213,15 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
         [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], **settings)
     except InterruptedRun as exc:
         held = hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
+        stop = KeyboardInterrupt()
         try:
             if args.trace_dir is not None:
-                save_trace_files(exc.trace, Path(args.trace_dir) / name, exports=False)
+                base = Path(args.trace_dir) / name
+                save_trace_files(exc.trace, base, exports=False)
+                stop.partial_trace = base.with_suffix(".trace")  # type: ignore[attr-defined]
         finally:
             release_interrupts(held)
-        raise KeyboardInterrupt from None
+        raise stop from None
     elapsed = time.perf_counter() - start
     new = [int(t) for t in trace.generated_ids()]
     info = trace.meta.backend_info

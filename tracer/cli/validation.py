@@ -42,6 +42,11 @@ def _finite(name: str, value: float) -> None:
         raise CliError(f"{name} must be a finite number, got {value}")
 
 
+#: the smallest sampling temperature taken: logits / temperature stays finite in float32 for
+#: logits up to ~3e8, and the temperature itself is a normal float32
+MIN_TEMPERATURE = 1e-30
+
+
 def check_generation(args: Any) -> None:
     """Ranges of every generation option (``args`` after the preset is applied)."""
     if args.max_new_tokens < 1:
@@ -52,6 +57,12 @@ def check_generation(args: Any) -> None:
             raise CliError(
                 f"--temperature must be > 0 with --do-sample, got {args.temperature} "
                 "(for greedy decoding leave out --do-sample)"
+            )
+        if args.do_sample and args.temperature < MIN_TEMPERATURE:
+            raise CliError(
+                f"--temperature must be at least {MIN_TEMPERATURE:g} with --do-sample, got {args.temperature}: "
+                "smaller ones do not survive float32 logits (llama.cpp runs them as 0, greedy; generate's "
+                "probabilities become NaN); for greedy decoding leave out --do-sample"
             )
     if args.top_k is not None and args.top_k < 0:
         raise CliError(f"--top-k must be >= 0 (0 turns top-k off), got {args.top_k}")
