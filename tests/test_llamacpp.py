@@ -329,3 +329,19 @@ def test_tokens_longer_than_32_bytes_keep_their_text(llm, tok):
     assert long_piece in generated
     assert tr.generated_text[0] == tok.decode(generated, skip_special_tokens=True)
     assert tr.token_bytes[long_piece] == run.encode()
+
+
+def test_max_tokens_cut_by_the_context_is_noted(ids):
+    """create_completion's rule cuts max_tokens to what the context holds; the trace says so
+    (it recorded the cut run and nothing else)."""
+    small = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=64, n_threads=1, verbose=False)
+    try:
+        n_ctx = int(small.n_ctx())  # (llama.cpp rounds the context up: 256)
+        prompt = ids[FRANCE]
+        [tr] = llamacpp_generate(small, prompt, temperature=0.0, max_tokens=n_ctx)
+    finally:
+        small.close()
+    room = n_ctx - len(prompt)
+    assert tr.num_steps <= room
+    assert (f"llama.cpp's context holds {n_ctx} tokens: with the {len(prompt)} prompt tokens, max_tokens {n_ctx} was "
+            f"cut to {room}") in " ".join(tr.meta.notes)

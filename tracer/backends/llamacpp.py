@@ -285,10 +285,12 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
     n_ctx = int(llm.n_ctx())
     if len(prompt) >= n_ctx:
         raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {n_ctx}")
-    max_tokens = settings["max_tokens"]
+    asked = max_tokens = settings["max_tokens"]
     if max_tokens is None or max_tokens <= 0:
         max_tokens = n_ctx - len(prompt)
     max_tokens = max_tokens if max_tokens + len(prompt) < n_ctx else n_ctx - len(prompt)
+    cut = (f"llama.cpp's context holds {n_ctx} tokens: with the {len(prompt)} prompt tokens, max_tokens {asked} "
+           f"was cut to {max_tokens} (create_completion's rule)") if asked and asked > max_tokens else None
     # create_completion's seed rule (seed None: the next one drawn from the Llama's own seed)
     llm.set_seed(seed if seed is not None else random.Random(llm._seed).randint(0, 2**32))
     settings = {**settings, "seed": int(llm._seed), "max_tokens": int(max_tokens)}
@@ -298,7 +300,7 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
         if settings["penalize_prompt"]:
             for t in prompt:
                 lc.llama_sampler_accept(chain.sampler, int(t))
-        notes: list[str] = []
+        notes: list[str] = [cut] if cut else []
         llama_seed = None  # the seed of llama.cpp's dist sampler; None when the chain has none (greedy)
         if spec[-1][0] == "dist":  # the seed dist really uses (llama.cpp draws one for LLAMA_DEFAULT_SEED)
             settings["seed"] = llama_seed = int(lc.llama_sampler_get_seed(chain.sampler))

@@ -226,7 +226,7 @@ def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], s
     new = [int(t) for t in trace.generated_ids()]
     info = trace.meta.backend_info
     text = trace.generated_text[0].strip().rstrip("\ufffd")
-    notes = []
+    notes = [n for n in trace.meta.notes if n.startswith("llama.cpp's context holds")]  # max_tokens cut
     if args.multi_turn:
         notes.append(f"llama.cpp KV cache: {info['reused_tokens']} of {len(ids)} prompt tokens reused, "
                      f"{info['evaluated_prompt_tokens']} evaluated")
