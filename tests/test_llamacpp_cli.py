@@ -241,3 +241,21 @@ def test_ctrl_c_names_the_partial_trace(tmp_path, monkeypatch, capsys):
     assert err[0].endswith(f"; the partial trace of prompt 1 is in {traces / 'prompt_001.trace'}"), err
     partial = tracer.load_trace(traces / "prompt_001.trace")
     assert partial.meta.status == "interrupted" and partial.num_steps == 2
+
+
+@pytest.mark.slow
+def test_progress_draws_a_bar_and_changes_nothing(tmp_path, capsys):
+    """--progress on llama.cpp draws the per-token bar on stderr (it was accepted and did
+    nothing); the answers are the same with and without it, traced or not."""
+    pytest.importorskip("llama_cpp")
+    data = tmp_path / "prompts.txt"
+    data.write_text("What is the capital of France?\n", encoding="utf-8")
+    outputs = {}
+    for flags in (["--progress"], ["--no-progress"], ["--progress", "--no-trace"]):
+        preds = tmp_path / f"{len(outputs)}.json"
+        assert main(["run", "--engine", "llama.cpp", "--with-prompt", "--max-new-tokens", "5", "--data-file", str(data),
+                     "--predictions-file", str(preds), *flags]) == 0
+        err = capsys.readouterr().err
+        assert ("prompt 0:" in err and "tok" in err) == ("--progress" in flags), err
+        outputs[tuple(flags)] = json.loads(preds.read_text(encoding="utf-8"))[0]["Output"]
+    assert len(set(outputs.values())) == 1, outputs

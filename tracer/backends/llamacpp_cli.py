@@ -197,20 +197,46 @@ def run_prompts(llm: Any, tokenizer: Any, args: Any, prompts: Iterable[str], set
 
 def run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], settings: dict[str, Any],
             name: str) -> tuple[Result, Any]:
+    start = time.perf_counter()
+    kind, index = name.rsplit("_", 1)
+    bar = _progress_bar(args, settings, f"{kind} {int(index)}")
+    try:
+        return _run_one(llm, args, prompt, shown_text, ids, settings, name, start,
+                        None if bar is None else (lambda step, token: bar.update(1)))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_bar(args: Any, settings: dict[str, Any], desc: str) -> Any:
+    """``--progress`` (default: when stderr is a terminal): a bar of new tokens, as on the
+    transformers engine; llama.cpp calls it after each step (no effect on what is chosen)."""
+    from tracer.cli.progress import progress_wanted
+
+    if not progress_wanted(getattr(args, "progress", None)):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=int(settings["max_tokens"]), desc=desc, unit="tok", file=sys.stderr, leave=False,
+                dynamic_ncols=True, mininterval=0.1)
+
+
+def _run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], settings: dict[str, Any],
+             name: str, start: float, on_token: Any) -> tuple[Result, Any]:
     from tracer import RecordConfig
     from tracer.cli.outputs import save_trace_files
 
     from .llamacpp import InterruptedRun, llamacpp_complete, llamacpp_generate
 
-    start = time.perf_counter()
     if args.no_trace:  # the same loop, nothing recorded
-        [done] = llamacpp_complete(llm, [ids], **settings)
+        [done] = llamacpp_complete(llm, [ids], on_token=on_token, **settings)
         text = done.text.strip().rstrip("\ufffd")
         notes = [f"llama.cpp KV cache: {done.reused} of {len(ids)} prompt tokens reused"] if args.multi_turn else []
         return Result(prompt, text, len(done.tokens), str(done.stop_reason), done.time_s, notes=notes,
                       token_ids=tuple(done.tokens)), done
     try:
-        [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], **settings)
+        [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], on_token=on_token,
+                                    **settings)
     except InterruptedRun as exc:
         held = hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
         stop = KeyboardInterrupt()
