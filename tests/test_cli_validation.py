@@ -91,6 +91,23 @@ def test_system_needs_the_chat_template(no_model, capsys):
     refused(capsys, ["run", "--system", "Be brief."], "--system applies to the chat template: add --with-prompt")
 
 
+def test_text_that_was_not_utf8_is_refused_in_one_line(no_model, capsys, monkeypatch):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (argv, stdin): --system is refused
+    before the model loads, a stdin line when it is read (both gave a tokenizer's TypeError)."""
+    import io
+
+    from tracer.cli import run
+    from tracer.cli.common import CliError
+
+    refused(capsys, ["run", "--with-prompt", "--system", "caf\udce9"],
+            "--system is not valid UTF-8 text (it holds \\udce9)")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("fine\ncaf\udce9 ok\n"))
+    lines = run.stdin_prompts()
+    assert next(lines) == "fine"
+    with pytest.raises(CliError, match="a line read from stdin is not valid UTF-8 text"):
+        next(lines)
+
+
 # ------------------------------------------------------------------------------------------
 # Files read
 # ------------------------------------------------------------------------------------------

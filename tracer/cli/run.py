@@ -152,7 +152,16 @@ def stdin_prompts() -> Iterator[str]:
         line = sys.stdin.readline()
         if not line or not line.strip():
             return
-        yield line.strip()
+        yield _text_only(line.strip(), "a line read from stdin")
+
+
+def _text_only(text: str, what: str) -> str:
+    """``text``, or one error where it holds a lone surrogate: bytes that were not UTF-8 (the
+    command line and stdin carry them as surrogates), which no tokenizer takes."""
+    bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:
+        raise CliError(f"{what} is not valid UTF-8 text (it holds {shown(bad)}); give it as UTF-8")
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +182,8 @@ def _validate(args: argparse.Namespace) -> Iterable[str]:
         args.with_prompt = True
         if args.use_vllm:
             raise CliError("--multi-turn is not supported with --use-vllm (it reuses the transformers cache)")
+    if args.system is not None:
+        _text_only(args.system, "--system")
     if args.system is not None and not args.with_prompt:
         if "system" in args.explicit:
             raise CliError("--system applies to the chat template: add --with-prompt")
