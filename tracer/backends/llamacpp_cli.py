@@ -32,9 +32,8 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 INT32_MAX = 2**31 - 1  # llama.cpp's top-k is an int32_t
 
 
-def check_args(args: Any) -> Path:
-    """Everything checkable before loading: refused flags, the GGUF file, the bindings.
-    Returns the GGUF path."""
+def check_args(args: Any) -> Path | None:
+    """The flags llama.cpp cannot honour and the GGUF file given (None: the embedded one)."""
     refuse = [
         (args.use_vllm, "--use-vllm"),
         (args.load_in_4bit or args.load_in_8bit, "--load-in-4bit/--load-in-8bit (bitsandbytes, transformers only)"),
@@ -55,6 +54,11 @@ def check_args(args: Any) -> Path:
     gguf = Path(args.gguf) if args.gguf is not None else None
     if gguf is not None and (not gguf.is_file() or gguf.suffix.lower() != ".gguf"):
         raise CliError(f"--gguf {shown(gguf)}: not a .gguf file")
+    return gguf
+
+
+def check_installed(gguf: Path | None) -> Path:
+    """The bindings are installed (after every check of the flags); the GGUF path."""
     if importlib.util.find_spec("llama_cpp") is None:
         raise CliError(f"--engine llama.cpp needs llama-cpp-python, which is not installed: {INSTALL_HINT}")
     if gguf is None:
@@ -123,6 +127,7 @@ def cmd_run_llamacpp(args: Any) -> int:
     gguf = check_args(args)
     prompts = validate_run_args(args)
     check_sampling(args)
+    gguf = check_installed(gguf)
     writer = PredictionsWriter(args.predictions_file)
 
     def emit(index: int, result: Result) -> None:
