@@ -191,10 +191,13 @@ def test_forward_from_another_thread_during_generation_is_not_recorded():
     assert trace.steps[0].inputs.input_ids.shape == (1, 9)
 
 
-def test_embeddings_fed_at_step_0_write_their_cache_slots(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "bloom"])  # (Bloom's forward takes no position_ids)
+def test_embeddings_fed_at_step_0_write_their_cache_slots(tmp_path, family):
     """generate(inputs_embeds=...): step 0 feeds embeddings, not ids; its cache slots are still
     the prompt's positions (they were empty), and they survive a save and load."""
-    model = make_tiny_llama()
+    from test_families import OTHER_ATTENTION, make_family
+
+    model = make_tiny_llama() if family == "llama" else make_family(family, OTHER_ATTENTION[family])
     inputs = make_inputs(batch=2, seq=6, left_pad=2)
     embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
     kw = dict(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=3, do_sample=False,

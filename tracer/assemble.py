@@ -53,6 +53,7 @@ class FedInputs:
     mask_padding: torch.Tensor | None  # (B,) zeros per row of a large 2-D mask
     logits_to_keep: int | None
     cache_class: str | None
+    q_len: int = 0  # positions fed (ids, or embeddings: inputs_embeds)
 
 
 @dataclass
@@ -254,8 +255,8 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "
     ids = (host(fed.input_ids).astype(np.int64) if fed.input_ids is not None
            else np.zeros((int(np.shape(host(d.chosen))[0]), 0), np.int64))  # (embeddings fed: no ids)
     q_len = ids.shape[1] if ids.ndim == 2 else 0
-    if fed.input_ids is None and fed.position_ids is not None:  # embeddings fed (inputs_embeds): as many positions
-        q_len = int(fed.position_ids.shape[-1])
+    if fed.input_ids is None:  # embeddings fed (inputs_embeds): as many positions
+        q_len = fed.q_len
     own = np.asarray  # the stage statistics are the recorder's own host arrays: not copied again
     stages = tuple(
         Stage(

@@ -274,7 +274,7 @@ class StepRecorder:
         q_len = int(input_ids.shape[1]) if input_ids is not None else int(kwargs["inputs_embeds"].shape[1])
         self.next_cache_len = cache_len_before + q_len if cache is not None else None
         self.nested = 0  # a model call that raised (caught) has no forward end: not counted on
-        self.cur = _StepScratch(len(self.done), t0, _fed_inputs(args, kwargs, input_ids, cache), cache_len_before)
+        self.cur = _StepScratch(len(self.done), t0, _fed_inputs(args, kwargs, input_ids, cache, q_len), cache_len_before)
         self.own_forward = True
         if self.plan.attention is not None:
             self.plan.attention.begin_step(self.cur.index, cache_len_before)
@@ -499,7 +499,7 @@ class StepRecorder:
         return build_trace(self.plan, self.config, self.tokenizer, facts, self.done, self.blobs, output, error)
 
 
-def _fed_inputs(args: tuple, kwargs: dict, input_ids: torch.Tensor | None, cache: Any) -> FedInputs:
+def _fed_inputs(args: tuple, kwargs: dict, input_ids: torch.Tensor | None, cache: Any, q_len: int = 0) -> FedInputs:
     """What forward received.  ``position_ids`` and the mask are copied: they are small and
     generate may build the next step's from them."""
     pos = kwargs.get("position_ids")
@@ -523,4 +523,5 @@ def _fed_inputs(args: tuple, kwargs: dict, input_ids: torch.Tensor | None, cache
         mask_padding=pad if mask2d is not None else None,
         logits_to_keep=int(keep) if isinstance(keep, int) and not isinstance(keep, bool) else None,
         cache_class=type(cache).__name__ if cache is not None else None,
+        q_len=q_len,
     )
