@@ -199,6 +199,19 @@ def test_key_value_snapshots_without_the_cache_are_refused_before_generating(tin
     assert calls == [] and t.traces == []
 
 
+def test_paged_in_a_generation_config_runs_the_ordinary_loop_and_is_recorded(tiny_model):
+    """Only the keyword cache_implementation='paged' switches generate to generate_batch; set in
+    a GenerationConfig, generate runs its ordinary loop: recorded, not refused."""
+    from transformers import GenerationConfig
+
+    inputs = make_inputs(batch=1, seq=5)
+    gc = GenerationConfig(cache_implementation="paged", max_new_tokens=3, do_sample=False, pad_token_id=0)
+    ref = tiny_model.generate(**inputs, generation_config=gc)
+    with tracer.trace(tiny_model) as t:
+        out = tiny_model.generate(**inputs, generation_config=gc)
+    assert torch.equal(out, ref) and t.trace.num_steps == 3
+
+
 def test_unsupported_modes_raise_before_generating(tiny_model):
     inputs = make_inputs(batch=1, seq=5)
     calls = []

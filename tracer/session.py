@@ -210,7 +210,7 @@ class TraceSession:
             from . import assisted as _assisted
 
             model = self.model
-            if hf.generation_setting(model, args, kwargs, "cache_implementation") == "paged":
+            if kwargs.get("cache_implementation") == "paged":  # (only the keyword switches: a config's runs the loop)
                 raise NotSupportedError("cache_implementation='paged' switches generate to continuous batching "
                                         "(generate_batch), which tracer does not record")
             beams = hf.beam_search_requested(model, args, kwargs)
