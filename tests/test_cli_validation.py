@@ -101,11 +101,17 @@ def test_text_that_was_not_utf8_is_refused_in_one_line(no_model, capsys, monkeyp
 
     refused(capsys, ["run", "--with-prompt", "--system", "caf\udce9"],
             "--system is not valid UTF-8 text (it holds \\udce9)")
-    monkeypatch.setattr(sys, "stdin", io.StringIO("fine\ncaf\udce9 ok\n"))
+    refused(capsys, ["run", "--dataset", "ds", "--with-prompt", "--system", "caf\udce9"],
+            "--system is not valid UTF-8 text (it holds \\udce9)")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("fine\ncaf\udce9 ok\n"))  # (surrogateescape: a C locale)
     lines = run.stdin_prompts()
     assert next(lines) == "fine"
-    with pytest.raises(CliError, match="a line read from stdin is not valid UTF-8 text"):
+    with pytest.raises(CliError, match="stdin line 2 is not valid UTF-8 text"):
         next(lines)
+    # a UTF-8 locale decodes stdin strictly: the bytes fail as they are read (a buffer at a time)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"fine\ncaf\xe9 ok\n"), encoding="utf-8"))
+    with pytest.raises(CliError, match=r"stdin is not valid UTF-8 text \(at or after its line 1\)"):
+        list(run.stdin_prompts())
 
 
 # ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .validation import (
     check_gpus,
     check_output_file,
     check_output_folder,
+    check_text,
     read_prompt_file,
 )
 
@@ -146,22 +147,18 @@ def generation_settings(args: argparse.Namespace) -> dict[str, Any]:
 def stdin_prompts() -> Iterator[str]:
     """Lines from stdin until an empty line or EOF (a ``prompt>`` marker on a terminal)."""
     tty = sys.stdin.isatty()
+    number = 0
     while True:
         if tty:
             print("prompt> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        number += 1
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:  # (stdin decoding strictly: a UTF-8 locale)
+            raise CliError(f"stdin is not valid UTF-8 text (at or after its line {number}); give it as UTF-8") from None
         if not line or not line.strip():
             return
-        yield _text_only(line.strip(), "a line read from stdin")
-
-
-def _text_only(text: str, what: str) -> str:
-    """``text``, or one error where it holds a lone surrogate: bytes that were not UTF-8 (the
-    command line and stdin carry them as surrogates), which no tokenizer takes."""
-    bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
-    if bad is not None:
-        raise CliError(f"{what} is not valid UTF-8 text (it holds {shown(bad)}); give it as UTF-8")
-    return text
+        yield check_text(line.strip(), f"stdin line {number}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +180,7 @@ def _validate(args: argparse.Namespace) -> Iterable[str]:
         if args.use_vllm:
             raise CliError("--multi-turn is not supported with --use-vllm (it reuses the transformers cache)")
     if args.system is not None:
-        _text_only(args.system, "--system")
+        check_text(args.system, "--system")
     if args.system is not None and not args.with_prompt:
         if "system" in args.explicit:
             raise CliError("--system applies to the chat template: add --with-prompt")

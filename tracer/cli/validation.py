@@ -85,6 +85,15 @@ def check_generation(args: Any) -> None:
         raise CliError(f"unknown --dtype {shown(args.dtype)!s}; use one of {', '.join(DTYPE_NAMES)}")
 
 
+def check_text(text: str, what: str) -> str:
+    """``text``, or one error where it holds a lone surrogate: bytes that were not UTF-8 (the
+    command line and stdin carry them as surrogates), which no tokenizer takes."""
+    bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:
+        raise CliError(f"{what} is not valid UTF-8 text (it holds {shown(bad)}); give it as UTF-8")
+    return text
+
+
 def check_gpus(text: str | None) -> tuple[int, ...] | None:
     """``--gpus 0,1`` → ``(0, 1)`` (distinct non-negative integers)."""
     if text is None:

@@ -60,7 +60,7 @@ def _items(args: argparse.Namespace) -> list[PromptItem]:
 def validate(args: argparse.Namespace) -> list[PromptItem]:
     """Every check possible before the model loads; returns the prompts."""
     from ..cli.run import apply_preset
-    from ..cli.validation import check_device, check_generation, check_gpus, check_output_folder
+    from ..cli.validation import check_device, check_generation, check_gpus, check_output_folder, check_text
 
     apply_preset(args)
     for flag, on in (("--interactive", args.interactive), ("--multi-turn", args.multi_turn),
@@ -81,6 +81,8 @@ def validate(args: argparse.Namespace) -> list[PromptItem]:
         raise CliError(f"--ray-workers must be at least 1, got {args.ray_workers}")
     if args.load_in_4bit and args.load_in_8bit:
         raise CliError("choose one of --load-in-4bit and --load-in-8bit")
+    if args.system is not None:
+        check_text(args.system, "--system")
     if args.system is not None and not args.with_prompt:
         if "system" in args.explicit:
             raise CliError("--system applies to the chat template: add --with-prompt")
