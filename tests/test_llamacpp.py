@@ -339,9 +339,12 @@ def test_max_tokens_cut_by_the_context_is_noted(ids):
         n_ctx = int(small.n_ctx())  # (llama.cpp rounds the context up: 256)
         prompt = ids[FRANCE]
         [tr] = llamacpp_generate(small, prompt, temperature=0.0, max_tokens=n_ctx)
+        small.reset()
+        [done] = llamacpp_complete(small, prompt, temperature=0.0, max_tokens=n_ctx)  # (--no-trace's run)
     finally:
         small.close()
     room = n_ctx - len(prompt)
     assert tr.num_steps <= room
     assert (f"llama.cpp's context holds {n_ctx} tokens: with the {len(prompt)} prompt tokens, max_tokens {n_ctx} was "
             f"cut to {room}") in " ".join(tr.meta.notes)
+    assert [n for n in tr.meta.notes if n.startswith("llama.cpp's context holds")] == list(done.notes)

@@ -372,7 +372,7 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
                                        record, reused, start, status, error, notes, llama_seed)) from None
         if not traced:
             return Completion([c.chosen for c in captures], bytes(text).decode("utf-8", errors="ignore"), reason,
-                              time.perf_counter() - start, reused)
+                              time.perf_counter() - start, reused, (cut,) if cut else ())
         return _finish(llm, captures, facts, prompt, prompt_text, settings, reason, text, pieces, record, reused,
                        start, status, error, notes, llama_seed)
     finally:
@@ -389,6 +389,7 @@ class Completion:
     stop_reason: StopReason
     time_s: float
     reused: int
+    notes: tuple[str, ...] = ()  # the max_tokens cut, as the trace notes it
 
 
 class InterruptedRun(KeyboardInterrupt):

@@ -236,7 +236,9 @@ def _run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], 
     if args.no_trace:  # the same loop, nothing recorded
         [done] = llamacpp_complete(llm, [ids], on_token=on_token, **settings)
         text = done.text.strip().rstrip("\ufffd")
-        notes = [f"llama.cpp KV cache: {done.reused} of {len(ids)} prompt tokens reused"] if args.multi_turn else []
+        notes = list(done.notes)  # (a max_tokens cut)
+        if args.multi_turn:
+            notes.append(f"llama.cpp KV cache: {done.reused} of {len(ids)} prompt tokens reused")
         return Result(prompt, text, len(done.tokens), str(done.stop_reason), done.time_s, notes=notes,
                       token_ids=tuple(done.tokens)), done
     try:
