@@ -53,7 +53,7 @@ class FedInputs:
     mask_padding: torch.Tensor | None  # (B,) zeros per row of a large 2-D mask
     logits_to_keep: int | None
     cache_class: str | None
-    q_len: int = 0  # positions fed (ids, or embeddings: inputs_embeds)
+    q_len: int = 0  # positions fed (the ids', or the embeddings': inputs_embeds)
 
 
 @dataclass
@@ -252,11 +252,10 @@ def _stops(x: Any) -> np.ndarray:
 def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "_ReasonOf",
                active: np.ndarray, finished: np.ndarray) -> StepRecord:
     fed = d.inputs
+    chosen = host(d.chosen).astype(np.int64)
     ids = (host(fed.input_ids).astype(np.int64) if fed.input_ids is not None
-           else np.zeros((int(np.shape(host(d.chosen))[0]), 0), np.int64))  # (embeddings fed: no ids)
-    q_len = ids.shape[1] if ids.ndim == 2 else 0
-    if fed.input_ids is None:  # embeddings fed (inputs_embeds): as many positions
-        q_len = fed.q_len
+           else np.zeros((chosen.shape[0], 0), np.int64))  # (embeddings fed: no ids)
+    q_len = fed.q_len  # positions fed: the ids', or the embeddings' (inputs_embeds)
     own = np.asarray  # the stage statistics are the recorder's own host arrays: not copied again
     stages = tuple(
         Stage(
@@ -282,7 +281,6 @@ def _to_record(d: FinishedStep, sampled: bool, host: "_HostCopies", reason_of: "
         stats = AttentionStats(layers=a.layers, entropy=host(a.entropy).astype(np.float32),
                                sink=host(a.sink).astype(np.float32), argmax=host(a.argmax).astype(np.int64))
     mask = host(fed.mask).astype(np.int8) if fed.mask is not None else None
-    chosen = host(d.chosen).astype(np.int64)
     return StepRecord(
         index=d.index,
         inputs=StepInputs(

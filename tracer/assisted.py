@@ -139,11 +139,6 @@ def generate(session: Any, original: Any, args: tuple, kwargs: dict) -> Any:
     model = session.model
     if kwargs.get("assistant_tokenizer") is not None:
         raise NotSupportedError("tracer does not record assistant_tokenizer= (assisted decoding across tokenizers)")
-    if hf.generation_setting(model, args, kwargs, "assistant_early_exit") is not None:
-        raise NotSupportedError("tracer does not record assistant_early_exit (self-speculative early exit)")
-    if hf.generation_setting(model, args, kwargs, "assistant_ensemble_weight") is not None:
-        raise NotSupportedError("tracer does not record assistant_ensemble_weight: its rounds would be explained by "
-                                "the verifier's own probabilities, not the weighted mix transformers accepts by")
     refuse_step_records(session.config, "assisted decoding")
     if hf.generate_argument(args, kwargs, "assistant_model") is model:
         raise NotSupportedError("assistant_model is the traced model itself; pass a separate draft model "

@@ -59,7 +59,12 @@ _MISSING = object()
 #: generate's arguments and GenerationConfig fields whose decoding tracer's step recorder does not
 #: follow (assisted decoding has its own recorder, tracer.assisted, outside a step trace)
 _UNSUPPORTED_ARGUMENTS = ("assistant_model", "custom_generate")
-_UNSUPPORTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit", "assistant_ensemble_weight")
+#: assisted-decoding settings refused in every mode (why, after the name)
+_REFUSED_SETTINGS = {
+    "assistant_early_exit": "self-speculative early exit",
+    "assistant_ensemble_weight": "its rounds would be explained by the verifier's own probabilities, not the "
+                                 "weighted mix transformers accepts by",
+}
 
 
 def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
@@ -213,6 +218,9 @@ class TraceSession:
             if kwargs.get("cache_implementation") == "paged":  # (only the keyword switches: a config's runs the loop)
                 raise NotSupportedError("cache_implementation='paged' switches generate to continuous batching "
                                         "(generate_batch), which tracer does not record")
+            for key, why in _REFUSED_SETTINGS.items():
+                if hf.generation_setting(model, args, kwargs, key) is not None:
+                    raise NotSupportedError(f"tracer does not record {key} ({why})")
             beams = hf.beam_search_requested(model, args, kwargs)
             if _assisted.requested(model, args, kwargs):
                 if beams:
@@ -224,9 +232,8 @@ class TraceSession:
             for key in _UNSUPPORTED_ARGUMENTS:
                 if hf.generate_argument(args, kwargs, key) is not None:
                     raise NotSupportedError(f"tracer does not support {key}= (assisted/custom decoding) here")
-            for key in _UNSUPPORTED_SETTINGS:
-                if hf.generation_setting(model, args, kwargs, key) is not None:
-                    raise NotSupportedError(f"tracer does not support {key} (assisted decoding) here")
+            if hf.generation_setting(model, args, kwargs, "prompt_lookup_num_tokens") is not None:
+                raise NotSupportedError("tracer does not support prompt_lookup_num_tokens (assisted decoding) here")
             if self._recorder is not None:
                 raise NotSupportedError("nested generate calls inside one trace are not supported")
             if beams:  # recorded by tracer.beam (session.beam)
