@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..cli.common import CliError, Interrupted, Result, hold_interrupts, release_interrupts, shown
+from ..cli.common import CliError, Interrupted, Result, hold_interrupts, shown
 from .llamacpp import INSTALL_HINT
 
 #: transformers' global defaults for what a sampling run does not set (the embedded model's
@@ -121,7 +121,7 @@ def load(gguf: Path, seed: int) -> tuple[Any, Any]:
 
 def cmd_run_llamacpp(args: Any) -> int:
     """``tracer run --engine llama.cpp``: checks, then the prompts (or turns) one by one."""
-    from ..cli.outputs import PredictionsWriter
+    from ..cli.outputs import PredictionsWriter, partial_trace_said
     from ..cli.run import print_summary, saved_suffix, validate_run_args
 
     gguf = check_args(args)
@@ -157,8 +157,8 @@ def cmd_run_llamacpp(args: Any) -> int:
         if writer.path is not None and writer.results:
             done += f", saved in {shown(writer.path)}"
         partial = getattr(stop, "partial_trace", None)
-        if partial is not None:  # as the transformers engine says it
-            done += f"; the partial trace of {where[0].rstrip(': ')} is in {shown(partial)}"
+        if partial is not None:
+            done += "; " + partial_trace_said(where[0].rstrip(": "), partial)
         raise Interrupted(done) from None
     except CliError as exc:
         raise CliError(where[0] + str(exc) + saved_suffix(writer)) from exc
@@ -229,7 +229,7 @@ def _progress_bar(args: Any, settings: dict[str, Any], desc: str) -> Any:
 def _run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], settings: dict[str, Any],
              name: str, start: float, on_token: Any) -> tuple[Result, Any]:
     from tracer import RecordConfig
-    from tracer.cli.outputs import save_trace_files
+    from tracer.cli.outputs import save_partial_trace, save_trace_files
 
     from .llamacpp import InterruptedRun, llamacpp_complete, llamacpp_generate
 
@@ -245,15 +245,9 @@ def _run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], 
         [trace] = llamacpp_generate(llm, [ids], record=RecordConfig(), prompt_texts=[shown_text], on_token=on_token,
                                     **settings)
     except InterruptedRun as exc:
-        held = hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
         stop = KeyboardInterrupt()
-        try:
-            if args.trace_dir is not None:
-                base = Path(args.trace_dir) / name
-                save_trace_files(exc.trace, base, exports=False)
-                stop.partial_trace = base.with_suffix(".trace")  # type: ignore[attr-defined]
-        finally:
-            release_interrupts(held)
+        if args.trace_dir is not None:
+            stop.partial_trace = save_partial_trace(exc.trace, Path(args.trace_dir) / name)  # type: ignore[attr-defined]
         raise stop from None
     elapsed = time.perf_counter() - start
     new = [int(t) for t in trace.generated_ids()]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonio import write_json_atomic
-from .common import CliError, Result, shown
+from .common import CliError, Result, hold_interrupts, release_interrupts, shown
 
 __all__ = ["PredictionsWriter", "read_predictions", "save_trace_files", "write_json_atomic"]
 
@@ -57,6 +57,22 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
             raise ValueError(f"{shown(path)}: entry {i} has no 'Output'")
         out.append({"Input": entry.get("Input", entry.get("input")), "Output": entry.get("Output", entry.get("output"))})
     return out
+
+
+def save_partial_trace(trace: Any, base: Path) -> Path:
+    """An interrupted prompt's trace as ``base``.trace (no exports), with a second Ctrl-C held off
+    while it is written; returns the file's path."""
+    held = hold_interrupts()
+    try:
+        save_trace_files(trace, base, exports=False)
+    finally:
+        release_interrupts(held)
+    return base.with_suffix(".trace")
+
+
+def partial_trace_said(label: str, path: Path) -> str:
+    """How the command names an interrupted prompt's saved trace (every engine alike)."""
+    return f"the partial trace of {label} is in {shown(path)}"
 
 
 def save_trace_files(trace: Any, base: Path, *, exports: bool = True) -> list[str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .common import (DEFAULT_PROMPTS, PRESETS, VLLM_PRESETS, CliError, Interrupted, Result, format_summary,
-                     hold_interrupts, release_interrupts, shown)
-from .outputs import PredictionsWriter, save_trace_files
+                     hold_interrupts, shown)
+from .outputs import PredictionsWriter, partial_trace_said, save_partial_trace, save_trace_files
 from .progress import progress_wanted, token_progress
 from .validation import (
     check_device,
@@ -301,7 +301,7 @@ def _saved(writer: PredictionsWriter, runner: "Runner | None") -> str:
     if writer.path is not None and writer.results:
         parts[0] += f", saved in {shown(writer.path)}"
     if runner is not None and runner.partial_trace is not None:
-        parts.append(f"the partial trace of {runner.current} is in {shown(runner.partial_trace)}")
+        parts.append(partial_trace_said(runner.current, runner.partial_trace))
     return "; ".join(parts)
 
 
@@ -410,15 +410,9 @@ class Runner:
                 session.pending_prompts = texts
                 output = self.model.generate(**inputs, **kwargs)
         except KeyboardInterrupt:
-            held = hold_interrupts()  # a second Ctrl-C must not lose the partial trace being saved
-            try:
-                # the session kept the steps so far (meta.status "interrupted"): save them
-                if session.traces and self.args.trace_dir is not None:
-                    base = self.args.trace_dir / name
-                    save_trace_files(session.traces[-1], base, exports=False)
-                    self.partial_trace = base.with_suffix(".trace")
-            finally:
-                release_interrupts(held)
+            # the session kept the steps so far (meta.status "interrupted"): save them
+            if session.traces and self.args.trace_dir is not None:
+                self.partial_trace = save_partial_trace(session.traces[-1], self.args.trace_dir / name)
             raise
         return session.trace, output
 
