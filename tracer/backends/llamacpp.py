@@ -281,6 +281,10 @@ def _reuse_prefix(llm: Any, tokens: list[int]) -> tuple[list[int], int]:
     return tokens, reused
 
 
+#: how the note on a max_tokens cut by the context begins (the CLI prints that note)
+CONTEXT_CUT = "llama.cpp's context holds"
+
+
 def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, traced=True) -> Any:
     n_ctx = int(llm.n_ctx())
     if len(prompt) >= n_ctx:
@@ -289,7 +293,7 @@ def _run(lc, llm, prompt, prompt_text, settings, seed, record, facts, on_token, 
     if max_tokens is None or max_tokens <= 0:
         max_tokens = n_ctx - len(prompt)
     max_tokens = max_tokens if max_tokens + len(prompt) < n_ctx else n_ctx - len(prompt)
-    cut = (f"llama.cpp's context holds {n_ctx} tokens: with the {len(prompt)} prompt tokens, max_tokens {asked} "
+    cut = (f"{CONTEXT_CUT} {n_ctx} tokens: with the {len(prompt)} prompt tokens, max_tokens {asked} "
            f"was cut to {max_tokens} (create_completion's rule)") if asked and asked > max_tokens else None
     # create_completion's seed rule (seed None: the next one drawn from the Llama's own seed)
     llm.set_seed(seed if seed is not None else random.Random(llm._seed).randint(0, 2**32))

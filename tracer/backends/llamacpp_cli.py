@@ -231,7 +231,7 @@ def _run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], 
     from tracer import RecordConfig
     from tracer.cli.outputs import save_partial_trace, save_trace_files
 
-    from .llamacpp import InterruptedRun, llamacpp_complete, llamacpp_generate
+    from .llamacpp import CONTEXT_CUT, InterruptedRun, llamacpp_complete, llamacpp_generate
 
     if args.no_trace:  # the same loop, nothing recorded
         [done] = llamacpp_complete(llm, [ids], on_token=on_token, **settings)
@@ -253,7 +253,7 @@ def _run_one(llm: Any, args: Any, prompt: str, shown_text: str, ids: list[int], 
     new = [int(t) for t in trace.generated_ids()]
     info = trace.meta.backend_info
     text = trace.generated_text[0].strip().rstrip("\ufffd")
-    notes = [n for n in trace.meta.notes if n.startswith("llama.cpp's context holds")]  # max_tokens cut
+    notes = [n for n in trace.meta.notes if n.startswith(CONTEXT_CUT)]  # a max_tokens cut
     if args.multi_turn:
         notes.append(f"llama.cpp KV cache: {info['reused_tokens']} of {len(ids)} prompt tokens reused, "
                      f"{info['evaluated_prompt_tokens']} evaluated")
